@@ -1,0 +1,38 @@
+# recbench — set-up, tests and benchmarks. Everything runs in a local virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; override (e.g. TORCH_SPEC='torch>=2.9') on a machine with a CUDA build available.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= faiss-cpu,dev
+DATASET ?= synthetic
+MODELS ?=
+SEEDS ?= 1
+PROFILE ?= quick
+export RECBENCH_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: install test test-data test-full bench leaderboard lint
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+
+test:
+	$(PY) -m pytest -q
+
+test-data:
+	$(PY) -m pytest -q -m data
+
+test-full:
+	$(PY) -m pytest -q -m "not gpu"
+
+bench:
+	$(VENV)/bin/recbench bench --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS),)
+
+leaderboard:
+	$(VENV)/bin/recbench leaderboard
+
+lint:
+	$(VENV)/bin/ruff check recbench datamodules baselines benchmark tests

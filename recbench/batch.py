@@ -1,0 +1,48 @@
+"""The batch contract shared by every datamodule and every model.
+
+A batch is a plain ``dict[str, Tensor]`` with these keys:
+
+- ``history``: LongTensor ``(B, L)``, left-padded with :data:`PAD_ID`, most recent item last.
+- ``target``:  LongTensor ``(B,)``, the next item, in ``1..N``.
+- ``user``:    LongTensor ``(B,)``, the user (or session) id of the case.
+
+Training batches in *sequence* form carry ``sequence`` instead of ``history``/``target``:
+LongTensor ``(B, L + 1)``, the left-padded training prefix; every non-pad position after the first
+real item is a target (SASRec's all-position loss).
+
+Left padding keeps the newest item at position ``L - 1`` for every row, so models that read "the
+last position" need no gather, and models that count positions from the oldest item derive them from
+``history != PAD_ID``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD_ID = 0
+
+HISTORY = "history"
+TARGET = "target"
+USER = "user"
+SEQUENCE = "sequence"
+
+Batch = dict[str, torch.Tensor]
+
+
+def history_mask(history: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of real (non-pad) items, same shape as ``history``."""
+    return history != PAD_ID
+
+
+def left_pad_windows(
+    items: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, length: int
+) -> torch.Tensor:
+    """Gather ``items[max(start, end - length):end]`` per row, left-padded to ``length``.
+
+    ``items`` is the flat item array of all sequences (CSR layout); ``starts``/``ends`` (B,) bound
+    each row's sequence. Vectorised: one gather for the whole batch.
+    """
+    index = ends.unsqueeze(1) - length + torch.arange(length).unsqueeze(0)  # (B, L)
+    valid = index >= starts.unsqueeze(1)
+    gathered = items[index.clamp(min=0)]
+    return torch.where(valid, gathered, torch.zeros_like(gathered))

@@ -1,0 +1,655 @@
+"""`SeqRecDataModule`: raw files -> canonical tables -> cache -> split -> batches.
+
+Every dataset goes through this one pipeline, so every model sees the same cases.
+
+Canonical tables (polars, cached as parquet):
+
+- interactions: ``user`` (int64), ``item`` (int64, 1..N), ``order`` (int64: a timestamp, or the
+  position in the source file where the source has none). Sorted by ``(user, order)`` with a stable
+  sort: **ties keep file order**, never item id.
+- items: ``item`` 1..N (contiguous), plus whatever text the source has and its raw id.
+
+A subclass parses one source format: it implements :meth:`SeqRecDataModule.source_files`,
+:meth:`SeqRecDataModule.preprocessing_signature` and :meth:`SeqRecDataModule.read_tables`.
+
+Cache: ``prepare_data`` writes the tables once into ``<cache_root>/<name>-<fingerprint>/`` where the
+fingerprint hashes the source files' sizes and modification times, the preprocessing signature and
+the parser and cache-format versions. The directory is written under a temporary name and renamed,
+so a crashed or concurrent prepare never leaves a half-written cache. ``setup`` only reads.
+
+Splits (``split=``):
+
+- ``leave_one_out`` (default): per user, the last item is the test target, the second-to-last the
+  validation target, everything before is the training prefix. A user needs 2 items for a test
+  case (non-empty history) and 3 for a validation case; users below that are counted in
+  :attr:`SplitCounts`, never silently dropped.
+- ``session``: users (sessions) are split 8:1:1 by a seeded permutation; every prefix of a held-out
+  session with a non-empty history is an evaluation case (the DreamRec protocol).
+- ``temporal``: a global time cut (only where ``order`` is a real timestamp): interactions up to the
+  ``temporal_quantiles[0]`` quantile of time train, those up to ``temporal_quantiles[1]`` are
+  validation targets, the rest test targets; histories are everything before the target.
+
+Training targets are every position (after the first) of every training prefix, for every model.
+``train_format="sequence"`` serves them as left-padded windows of ``max_len + 1`` items (SASRec's
+all-position loss; a prefix longer than that is cut into consecutive windows so that every target is
+served exactly once), ``"pairs"`` as one ``(history, target)`` case per position (sliding windows
+with the history truncated to the last ``max_len`` items). ``"auto"`` asks the attached model's
+``training_view``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import polars
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from recbench import __version__
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER, Batch, left_pad_windows
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+TEXT_FIELDS: tuple[str, ...] = (
+    "title",
+    "title_fragment",
+    "brand",
+    "categories",
+    "price",
+    "description",
+    "genres",
+    "tags",
+)
+
+SplitName = Literal["leave_one_out", "session", "temporal"]
+TrainFormat = Literal["auto", "sequence", "pairs"]
+
+
+def data_root() -> Path:
+    """Where raw data lives: ``$RECBENCH_DATA_DIR``, default ``./data``."""
+    return Path(os.environ.get("RECBENCH_DATA_DIR", "data"))
+
+
+def cache_root() -> Path:
+    """Where prepared tables live: ``$RECBENCH_CACHE_DIR``, default ``~/.cache/recbench``."""
+    default = Path.home() / ".cache" / "recbench"
+    return Path(os.environ.get("RECBENCH_CACHE_DIR", default))
+
+
+class DataFormatError(ValueError):
+    """A raw input problem, always located: ``<file>:<line>: <reason>``."""
+
+    def __init__(self, path: Path | str, line: int | None, reason: str) -> None:
+        self.path = Path(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}:{line}" if line is not None else f"{self.path}"
+        super().__init__(f"{where}: {reason}")
+
+
+class MissingDataError(FileNotFoundError):
+    """Raw files are absent and cannot be downloaded; says what, where and where from."""
+
+    def __init__(self, dataset: str, missing: Sequence[Path], where_from: str) -> None:
+        files = "\n  ".join(str(p) for p in missing)
+        super().__init__(
+            f"{dataset}: raw data not found. Looked for:\n  {files}\n"
+            f"Set RECBENCH_DATA_DIR to the folder that holds them (now: {data_root()}).\n"
+            f"Where they come from: {where_from}"
+        )
+
+
+@dataclass
+class CanonicalTables:
+    """What a parser returns.
+
+    ``filtered`` counts rows the parser deliberately left out, by reason (e.g. ``"duplicate
+    click": 12``); the counts are logged and kept in the cache metadata so nothing disappears
+    silently. ``order_is_time`` says whether ``order`` holds real timestamps.
+    """
+
+    interactions: polars.DataFrame
+    items: polars.DataFrame
+    order_is_time: bool
+    filtered: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    name: str
+    users: int
+    items: int
+    interactions: int
+    mean_length: float
+    median_length: float
+    density: float
+    items_with_field: dict[str, int]
+    filtered: dict[str, int]
+    cache_path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """How many cases each split has, and how many users could not give one (and why)."""
+
+    train_targets: int
+    val_cases: int
+    test_cases: int
+    users_without_test_case: int
+    users_without_val_case: int
+    users_without_train_target: int
+    val_subset: int | None
+
+
+@dataclass(frozen=True)
+class _Cases:
+    """Evaluation or pair-training cases: history = items[start:position], target = items[position]."""
+
+    user: torch.Tensor  # (C,) user id
+    start: torch.Tensor  # (C,) first index of the user's sequence in the flat item array
+    position: torch.Tensor  # (C,) index of the target in the flat item array
+
+    def __len__(self) -> int:
+        return int(self.position.numel())
+
+    def subset(self, index: torch.Tensor) -> _Cases:
+        return _Cases(self.user[index], self.start[index], self.position[index])
+
+
+class _IndexDataset(Dataset):
+    """Yields case indices; the collate function gathers the whole batch in one vectorised step."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class _CaseCollate:
+    def __init__(self, items: torch.Tensor, cases: _Cases, max_len: int) -> None:
+        self.items, self.cases, self.max_len = items, cases, max_len
+
+    def __call__(self, indices: list[int]) -> Batch:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        start, position = self.cases.start[index], self.cases.position[index]
+        return {
+            HISTORY: left_pad_windows(self.items, start, position, self.max_len),  # (B, L)
+            TARGET: self.items[position],  # (B,)
+            USER: self.cases.user[index],  # (B,)
+        }
+
+
+class _WindowCollate:
+    def __init__(self, items: torch.Tensor, windows: _Cases, max_len: int) -> None:
+        # For windows, ``position`` is the exclusive end of the window.
+        self.items, self.windows, self.max_len = items, windows, max_len
+
+    def __call__(self, indices: list[int]) -> Batch:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        start, end = self.windows.start[index], self.windows.position[index]
+        return {
+            SEQUENCE: left_pad_windows(self.items, start, end, self.max_len + 1),  # (B, L + 1)
+            USER: self.windows.user[index],
+        }
+
+
+def _fingerprint(parts: dict[str, object]) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _file_signature(path: Path) -> dict[str, object]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+class SeqRecDataModule(pl.LightningDataModule):
+    """Base datamodule: caching, splitting and batching shared by every source.
+
+    Args:
+        max_len: history length fed to models (the last ``max_len`` items).
+        split: ``leave_one_out``, ``session`` or ``temporal`` (see the module docstring).
+        train_format: ``sequence``, ``pairs`` or ``auto`` (ask the model's ``training_view``).
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size.
+        num_workers: DataLoader workers.
+        val_subset: if set, validate during training on this many validation cases drawn with
+            ``split_seed`` (test always uses every case).
+        split_seed: seed for the session split and the validation subset.
+        session_fractions: train/validation/test shares of sessions for ``split="session"``.
+        temporal_quantiles: time quantiles of the validation and test cuts for ``split="temporal"``.
+        cache_dir: where prepared tables live (default ``$RECBENCH_CACHE_DIR`` or
+            ``~/.cache/recbench``).
+    """
+
+    #: Bumped when a subclass's parser changes its output, so old caches are not reused.
+    parser_version: int = 1
+    #: Short dataset name used for cache directories and result rows.
+    name: str = "dataset"
+    #: Where the raw files come from, quoted in errors when they are missing.
+    source_reference: str = ""
+
+    def __init__(
+        self,
+        max_len: int = 50,
+        split: SplitName = "leave_one_out",
+        train_format: TrainFormat = "auto",
+        batch_size: int = 256,
+        eval_batch_size: int = 1024,
+        num_workers: int = 0,
+        val_subset: int | None = None,
+        split_seed: int = 0,
+        session_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        temporal_quantiles: tuple[float, float] = (0.8, 0.9),
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if abs(sum(session_fractions) - 1.0) > 1e-9 or min(session_fractions) < 0:
+            raise ValueError(f"session_fractions must be non-negative and sum to 1, got {session_fractions}")
+        if not 0.0 < temporal_quantiles[0] < temporal_quantiles[1] < 1.0:
+            raise ValueError(f"temporal_quantiles must satisfy 0 < q_val < q_test < 1, got {temporal_quantiles}")
+        self.max_len = max_len
+        self.split = split
+        self.train_format = train_format
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_subset = val_subset
+        self.split_seed = split_seed
+        self.session_fractions = tuple(session_fractions)
+        self.temporal_quantiles = tuple(temporal_quantiles)
+        self.cache_dir = cache_dir
+        self._meta: dict[str, object] | None = None
+        self._items_table: polars.DataFrame | None = None
+        self._flat_items: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ subclass contract
+    @abstractmethod
+    def source_files(self) -> list[Path]:
+        """The raw files :meth:`read_tables` reads (their sizes and mtimes key the cache)."""
+
+    @abstractmethod
+    def preprocessing_signature(self) -> str:
+        """Every option that changes the canonical tables, as a stable string."""
+
+    @abstractmethod
+    def read_tables(self) -> CanonicalTables:
+        """Parse the raw files. Raise :class:`DataFormatError` on bad input."""
+
+    def download(self, missing: list[Path]) -> None:
+        """Fetch missing raw files. The default cannot, and says where they come from."""
+        raise MissingDataError(self.name, missing, self.source_reference or "(no public source recorded)")
+
+    # ------------------------------------------------------------------ cache
+    @property
+    def cache_path(self) -> Path:
+        """The cache directory for this dataset and these preprocessing options."""
+        files = self.source_files()
+        missing = [p for p in files if not p.exists()]
+        if missing:
+            self.download(missing)
+        parts = {
+            "name": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "signature": self.preprocessing_signature(),
+            "parser_version": self.parser_version,
+            "cache_format": CACHE_FORMAT_VERSION,
+            "files": [_file_signature(p) for p in files],
+        }
+        root = Path(self.cache_dir) if self.cache_dir else cache_root()
+        return root / f"{self.name}-{_fingerprint(parts)}"
+
+    def prepare_data(self) -> None:
+        """Parse the raw files once and cache the canonical tables (atomic; safe to race)."""
+        target = self.cache_path
+        if (target / "meta.json").exists():
+            return
+        started = time.perf_counter()
+        log.info("preparing %s into %s", self.name, target)
+        tables = self.read_tables()
+        interactions, items = _canonicalise(tables, self.name)
+        lengths = interactions.group_by("user").len()["len"]
+        meta = {
+            "name": self.name,
+            "signature": self.preprocessing_signature(),
+            "fingerprint": target.name.rsplit("-", 1)[-1],
+            "recbench_version": __version__,
+            "order_is_time": tables.order_is_time,
+            "users": int(lengths.len()),
+            "items": int(items.height),
+            "interactions": int(interactions.height),
+            "filtered": dict(tables.filtered),
+            "notes": list(tables.notes),
+            "source_files": [_file_signature(p) for p in self.source_files()],
+            "prepare_seconds": round(time.perf_counter() - started, 3),
+        }
+        for reason, count in tables.filtered.items():
+            log.warning("%s: %d rows filtered (%s)", self.name, count, reason)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        try:
+            interactions.write_parquet(staging / "interactions.parquet")
+            items.write_parquet(staging / "items.parquet")
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            try:
+                staging.rename(target)
+            except OSError:
+                if not (target / "meta.json").exists():
+                    raise
+                # Another process finished the same cache first; its content is identical.
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+
+    @property
+    def meta(self) -> dict[str, object]:
+        """The cache metadata (prepares the cache on first use)."""
+        if self._meta is None:
+            self.prepare_data()
+            self._meta = json.loads((self.cache_path / "meta.json").read_text())
+        return self._meta
+
+    @property
+    def num_items(self) -> int:
+        """N: item ids run 1..N. Linked into models by the CLI."""
+        return int(self.meta["items"])  # type: ignore[arg-type]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def items_table(self) -> polars.DataFrame:
+        """The items table (``item`` 1..N in order, plus text columns)."""
+        if self._items_table is None:
+            self._items_table = polars.read_parquet(self.cache_path / "items.parquet")
+        return self._items_table
+
+    def stats(self) -> DatasetStats:
+        interactions = polars.read_parquet(self.cache_path / "interactions.parquet")
+        lengths = interactions.group_by("user").len()["len"]
+        items = self.items_table
+        with_field = {
+            column: int(_non_empty(items[column]).sum()) for column in TEXT_FIELDS if column in items.columns
+        }
+        users, n_items = int(lengths.len()), items.height
+        return DatasetStats(
+            name=self.name,
+            users=users,
+            items=n_items,
+            interactions=interactions.height,
+            mean_length=float(lengths.mean()),
+            median_length=float(lengths.median()),
+            density=interactions.height / (users * n_items),
+            items_with_field=with_field,
+            filtered=dict(self.meta["filtered"]),  # type: ignore[arg-type]
+            cache_path=str(self.cache_path),
+            fingerprint=self.fingerprint,
+        )
+
+    # ------------------------------------------------------------------ splits
+    def setup(self, stage: str | None = None) -> None:
+        if self._flat_items is not None:
+            return
+        order_is_time = bool(self.meta["order_is_time"])  # prepares the cache when used outside a Trainer
+        interactions = polars.read_parquet(self.cache_path / "interactions.parquet")
+        users = interactions["user"].to_numpy()
+        boundaries = np.flatnonzero(np.diff(users)) + 1
+        offsets = np.concatenate([[0], boundaries, [len(users)]])
+        self._flat_items = torch.from_numpy(interactions["item"].to_numpy().astype(np.int64))
+        self._user_ids = torch.from_numpy(users[offsets[:-1]].astype(np.int64))
+        self._offsets = torch.from_numpy(offsets.astype(np.int64))
+        order = torch.from_numpy(interactions["order"].to_numpy().astype(np.int64))
+        if self.split == "leave_one_out":
+            self._split_leave_one_out()
+        elif self.split == "session":
+            self._split_sessions()
+        elif self.split == "temporal":
+            if not order_is_time:
+                raise ValueError(
+                    f"{self.name}: split='temporal' needs real timestamps, but this source only has "
+                    "the chronological order of items; use split='leave_one_out'"
+                )
+            self._split_temporal(order)
+        else:
+            raise ValueError(f"unknown split {self.split!r}; expected leave_one_out, session or temporal")
+        self._val_eval = self._val_cases
+        if self.val_subset is not None and self.val_subset < len(self._val_cases):
+            generator = torch.Generator().manual_seed(self.split_seed)
+            chosen = torch.randperm(len(self._val_cases), generator=generator)[: self.val_subset]
+            self._val_eval = self._val_cases.subset(chosen.sort().values)
+        log.info("%s split %s: %s", self.name, self.split, self.split_counts)
+
+    def _split_leave_one_out(self) -> None:
+        starts, ends = self._offsets[:-1], self._offsets[1:]
+        lengths = ends - starts
+        has_test, has_val = lengths >= 2, lengths >= 3
+        self._test_cases = _Cases(self._user_ids[has_test], starts[has_test], ends[has_test] - 1)
+        self._val_cases = _Cases(self._user_ids[has_val], starts[has_val], ends[has_val] - 2)
+        self._train_prefixes = (self._user_ids, starts, (ends - 2).clamp(min=starts))
+        self._users_without = (int((~has_test).sum()), int((~has_val).sum()))
+
+    def _split_sessions(self) -> None:
+        n = len(self._user_ids)
+        generator = torch.Generator().manual_seed(self.split_seed)
+        permutation = torch.randperm(n, generator=generator)
+        n_train = round(n * self.session_fractions[0])
+        n_val = round(n * self.session_fractions[1])
+        parts = (permutation[:n_train], permutation[n_train : n_train + n_val], permutation[n_train + n_val :])
+        train, val, test = (part.sort().values for part in parts)
+        starts, ends = self._offsets[:-1], self._offsets[1:]
+        self._train_prefixes = (self._user_ids[train], starts[train], ends[train])
+        self._val_cases = self._every_prefix(self._user_ids[val], starts[val], ends[val])
+        self._test_cases = self._every_prefix(self._user_ids[test], starts[test], ends[test])
+        single = (ends - starts) < 2
+        self._users_without = (int(single[test].sum()), int(single[val].sum()))
+
+    def _split_temporal(self, order: torch.Tensor) -> None:
+        q_val, q_test = (float(q) for q in np.quantile(order.numpy(), self.temporal_quantiles))
+        starts, ends = self._offsets[:-1], self._offsets[1:]
+        user_of = torch.repeat_interleave(torch.arange(len(starts)), ends - starts)
+        position = torch.arange(len(order))
+        has_history = position > starts[user_of]
+        in_train = order <= q_val
+        # Sorted by time within a user, so the training interactions form a prefix.
+        train_counts = torch.zeros_like(starts).index_add_(0, user_of, in_train.long())
+        train_end = starts + train_counts
+        val_mask = (order > q_val) & (order <= q_test) & has_history
+        test_mask = (order > q_test) & has_history
+        self._train_prefixes = (self._user_ids, starts, train_end)
+        self._val_cases = _Cases(self._user_ids[user_of[val_mask]], starts[user_of[val_mask]], position[val_mask])
+        self._test_cases = _Cases(
+            self._user_ids[user_of[test_mask]], starts[user_of[test_mask]], position[test_mask]
+        )
+        self._users_without = (
+            int(len(starts) - torch.unique(user_of[test_mask]).numel()),
+            int(len(starts) - torch.unique(user_of[val_mask]).numel()),
+        )
+
+    @staticmethod
+    def _every_prefix(user: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> _Cases:
+        """One case per position ``p`` in ``start + 1 .. end - 1`` (non-empty history)."""
+        counts = (end - start - 1).clamp(min=0)
+        row = torch.repeat_interleave(torch.arange(len(start)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        step = torch.arange(int(counts.sum())) - first[row]
+        return _Cases(user[row], start[row], start[row] + 1 + step)
+
+    def _train_pairs(self) -> _Cases:
+        user, start, end = self._train_prefixes
+        return self._every_prefix(user, start, end)
+
+    def _train_windows(self) -> _Cases:
+        """Consecutive windows of ``max_len + 1`` items ending at the prefix end, each target once."""
+        user, start, end = self._train_prefixes
+        targets = (end - start - 1).clamp(min=0)
+        n_windows = (targets + self.max_len - 1) // self.max_len  # ceil
+        row = torch.repeat_interleave(torch.arange(len(start)), n_windows)
+        first = torch.cumsum(n_windows, 0) - n_windows
+        k = torch.arange(int(n_windows.sum())) - first[row]
+        window_end = end[row] - k * self.max_len
+        window_start = torch.maximum(start[row], window_end - self.max_len - 1)
+        return _Cases(user[row], window_start, window_end)
+
+    @property
+    def split_counts(self) -> SplitCounts:
+        user, start, end = self._train_prefixes
+        targets = (end - start - 1).clamp(min=0)
+        without_test, without_val = self._users_without
+        return SplitCounts(
+            train_targets=int(targets.sum()),
+            val_cases=len(self._val_cases),
+            test_cases=len(self._test_cases),
+            users_without_test_case=without_test,
+            users_without_val_case=without_val,
+            users_without_train_target=int((targets == 0).sum()),
+            val_subset=len(self._val_eval) if self._val_eval is not self._val_cases else None,
+        )
+
+    def train_item_mask(self) -> torch.Tensor:
+        """BoolTensor (N + 1,): items that occur anywhere in a training prefix (row 0 False).
+
+        Item-side fitting (PCA, quantisers) uses only these, so validation/test-only items never
+        shape the codebooks.
+        """
+        self.setup()
+        user, start, end = self._train_prefixes
+        lengths = (end - start).clamp(min=0)
+        row = torch.repeat_interleave(torch.arange(len(start)), lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        index = start[row] + torch.arange(int(lengths.sum())) - first[row]
+        mask = torch.zeros(self.num_items + 1, dtype=torch.bool)
+        mask[self._flat_items[index]] = True
+        mask[PAD_ID] = False
+        return mask
+
+    # ------------------------------------------------------------------ loaders
+    def _resolved_train_format(self) -> Literal["sequence", "pairs"]:
+        if self.train_format != "auto":
+            return self.train_format
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        view = getattr(model, "training_view", None)
+        if view not in ("sequence", "pairs"):
+            raise ValueError(
+                "train_format='auto' needs a model with training_view 'sequence' or 'pairs'; "
+                "set data.train_format explicitly"
+            )
+        return view
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if self._resolved_train_format() == "sequence":
+            cases = self._train_windows()
+            collate = _WindowCollate(self._flat_items, cases, self.max_len)
+        else:
+            cases = self._train_pairs()
+            collate = _CaseCollate(self._flat_items, cases, self.max_len)
+        if len(cases) == 0:
+            raise ValueError(f"{self.name}: the training split has no targets")
+        return DataLoader(
+            _IndexDataset(len(cases)),
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, cases: _Cases) -> DataLoader:
+        dataset = _IndexDataset(len(cases))
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads by repeating cases; this one never does,
+            # so every case is counted exactly once across ranks.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            collate_fn=_CaseCollate(self._flat_items, cases, self.max_len),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._eval_loader(self._val_eval)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._eval_loader(self._test_cases)
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._eval_loader(self._test_cases)
+
+    def describe(self) -> dict[str, object]:
+        """What a result row records about the data."""
+        counts = self.split_counts
+        return {"dataset": self.name, "protocol": self.split, "fingerprint": self.fingerprint, **asdict(counts)}
+
+
+def _non_empty(column: polars.Series) -> polars.Series:
+    if column.dtype == polars.String:
+        return column.is_not_null() & (column.str.strip_chars().str.len_chars() > 0)
+    if isinstance(column.dtype, polars.List):
+        return column.is_not_null() & (column.list.len() > 0)
+    return column.is_not_null()
+
+
+def _canonicalise(tables: CanonicalTables, name: str) -> tuple[polars.DataFrame, polars.DataFrame]:
+    """Check the contract and sort interactions stably by (user, order)."""
+    interactions, items = tables.interactions, tables.items
+    for column in ("user", "item", "order"):
+        if column not in interactions.columns:
+            raise ValueError(f"{name}: the interactions table lacks the column {column!r}")
+        if interactions[column].null_count():
+            raise ValueError(f"{name}: the interactions column {column!r} has missing values")
+    if "item" not in items.columns:
+        raise ValueError(f"{name}: the items table lacks the column 'item'")
+    interactions = interactions.select(
+        polars.col("user").cast(polars.Int64), polars.col("item").cast(polars.Int64), polars.col("order").cast(polars.Int64)
+    )
+    items = items.with_columns(polars.col("item").cast(polars.Int64)).sort("item")
+    expected = np.arange(1, items.height + 1)
+    if items.height == 0:
+        raise ValueError(f"{name}: the items table is empty")
+    if not np.array_equal(items["item"].to_numpy(), expected):
+        raise ValueError(f"{name}: item ids must be exactly 1..N (N={items.height}) with 0 free for padding")
+    if interactions.height == 0:
+        raise ValueError(f"{name}: no interactions")
+    unknown = interactions.filter((polars.col("item") < 1) | (polars.col("item") > items.height))
+    if unknown.height:
+        row = unknown.row(0, named=True)
+        raise ValueError(
+            f"{name}: {unknown.height} interactions name items missing from the item table "
+            f"(first: user {row['user']}, item {row['item']})"
+        )
+    return interactions.sort(["user", "order"], maintain_order=True), items

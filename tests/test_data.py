@@ -1,0 +1,157 @@
+import polars
+import pytest
+import torch
+
+from datamodules.synthetic import SyntheticDataModule
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER
+from recbench.data import CanonicalTables, SeqRecDataModule
+
+
+def _sequences(data: SyntheticDataModule) -> dict[int, list[int]]:
+    interactions = polars.read_parquet(data.cache_path / "interactions.parquet")
+    return {
+        int(user): items
+        for user, items in interactions.group_by("user", maintain_order=True).agg(polars.col("item")).iter_rows()
+    }
+
+
+def _all(loader) -> dict[str, torch.Tensor]:
+    batches = list(loader)
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def test_leave_one_out_targets_and_left_padding(tiny_data: SyntheticDataModule) -> None:
+    sequences = _sequences(tiny_data)
+    test, val = _all(tiny_data.test_dataloader()), _all(tiny_data.val_dataloader())
+    assert len(test[USER]) == len(sequences) == len(val[USER])
+    for row in range(len(test[USER])):
+        seq = sequences[int(test[USER][row])]
+        assert int(test[TARGET][row]) == seq[-1] and int(val[TARGET][row]) == seq[-2]
+        history = test[HISTORY][row]
+        real = history[history != PAD_ID].tolist()
+        assert real == seq[:-1][-tiny_data.max_len :]
+        assert bool((history[: len(history) - len(real)] == PAD_ID).all())  # left padded
+
+
+def _training_targets_from_windows(data: SyntheticDataModule) -> list[tuple[int, int, tuple[int, ...]]]:
+    data.train_format = "sequence"
+    out = []
+    for batch in data.train_dataloader():
+        for user, sequence in zip(batch[USER].tolist(), batch[SEQUENCE]):
+            real = sequence[sequence != PAD_ID].tolist()
+            out += [(user, real[i], tuple(real[:i])) for i in range(1, len(real))]
+    return out
+
+
+def _expected_pairs(sequences: dict[int, list[int]], max_len: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Independent reference: every position t >= 1 of the prefix seq[:-2], history = last max_len items."""
+    return sorted(
+        (user, seq[t], tuple(seq[max(0, t - max_len) : t])) for user, seq in sequences.items() for t in range(1, len(seq) - 2)
+    )
+
+
+def _loader_pairs(data: SyntheticDataModule) -> list[tuple[int, int, tuple[int, ...]]]:
+    data.train_format = "pairs"
+    pairs = _all(data.train_dataloader())
+    return sorted(
+        (user, target, tuple(history[history != PAD_ID].tolist()))
+        for user, target, history in zip(pairs[USER].tolist(), pairs[TARGET].tolist(), pairs[HISTORY])
+    )
+
+
+def test_every_training_position_is_a_target_exactly_once_in_both_views() -> None:
+    data = SyntheticDataModule(scale=0.02, max_len=4, batch_size=64)  # short windows: long prefixes split
+    data.setup()
+    sequences = _sequences(data)
+    expected = _expected_pairs(sequences, data.max_len)
+    assert sorted((u, t) for u, t, _ in _training_targets_from_windows(data)) == [(u, t) for u, t, _ in expected]
+    assert _loader_pairs(data) == expected
+
+
+def test_validation_and_test_targets_never_train(tiny_data: SyntheticDataModule) -> None:
+    sequences = _sequences(tiny_data)
+    pairs = _loader_pairs(tiny_data)
+    assert pairs == _expected_pairs(sequences, tiny_data.max_len)  # positions len-2 and len-1 excluded
+    mask = tiny_data.train_item_mask()
+    assert not mask[PAD_ID]
+    trained = {item for seq in sequences.values() for item in seq[:-2]}
+    assert set(torch.nonzero(mask).squeeze(1).tolist()) == trained
+
+
+def test_session_split_evaluates_every_prefix() -> None:
+    data = SyntheticDataModule(scale=0.02, split="session", max_len=10)
+    data.setup()
+    counts = data.split_counts
+    sequences = _sequences(data)
+    test = _all(data.test_dataloader())
+    test_users = set(test[USER].tolist())
+    assert counts.test_cases == len(test[USER]) == sum(len(sequences[u]) - 1 for u in test_users)
+    assert abs(len(test_users) - round(0.1 * len(sequences))) <= 1
+    data.train_format = "pairs"
+    train_users = set(_all(data.train_dataloader())[USER].tolist())
+    val_users = set(_all(data.val_dataloader())[USER].tolist())
+    assert not (train_users & test_users) and not (val_users & test_users) and not (train_users & val_users)
+    assert test[HISTORY].shape[1] == 10
+
+
+def test_temporal_split_respects_the_time_cut() -> None:
+    data = SyntheticDataModule(scale=0.02, split="temporal")
+    data.setup()
+    counts = data.split_counts
+    assert counts.val_cases > 0 and counts.test_cases > 0
+    assert counts.train_targets > counts.test_cases
+    with pytest.raises(ValueError, match="needs real timestamps"):
+        broken = _Broken(
+            polars.DataFrame({"user": [1, 1, 1], "item": [1, 2, 3], "order": [0, 1, 2]}), polars.DataFrame({"item": [1, 2, 3]})
+        )
+        broken.split = "temporal"
+        broken.setup()
+
+
+def test_validation_subset_is_seeded_and_recorded() -> None:
+    a = SyntheticDataModule(scale=0.02, val_subset=100, split_seed=3)
+    b = SyntheticDataModule(scale=0.02, val_subset=100, split_seed=3)
+    a.setup(), b.setup()
+    assert a.split_counts.val_subset == 100
+    assert torch.equal(_all(a.val_dataloader())[USER], _all(b.val_dataloader())[USER])
+
+
+def test_cache_is_reused_and_keyed_by_options(tiny_data: SyntheticDataModule) -> None:
+    again = SyntheticDataModule(scale=0.02)
+    assert again.cache_path == tiny_data.cache_path
+    assert SyntheticDataModule(scale=0.02, seed=1).cache_path != tiny_data.cache_path
+    assert SyntheticDataModule(scale=0.02, max_len=7).cache_path == tiny_data.cache_path  # split option only
+
+
+class _Broken(SeqRecDataModule):
+    name = "broken"
+
+    def __init__(self, interactions: polars.DataFrame, items: polars.DataFrame) -> None:
+        super().__init__()
+        self._tables = CanonicalTables(interactions, items, order_is_time=False)
+
+    def source_files(self):
+        return []
+
+    def preprocessing_signature(self) -> str:
+        return str(self._tables.interactions.hash_rows().sum()) + str(self._tables.items.height)
+
+    def read_tables(self) -> CanonicalTables:
+        return self._tables
+
+
+def test_unknown_item_and_bad_item_ids_are_reported() -> None:
+    items = polars.DataFrame({"item": [1, 2, 3]})
+    bad = polars.DataFrame({"user": [1, 1], "item": [1, 17], "order": [0, 1]})
+    with pytest.raises(ValueError, match="missing from the item table.*item 17"):
+        _Broken(bad, items).prepare_data()
+    with pytest.raises(ValueError, match=r"exactly 1..N"):
+        _Broken(bad, polars.DataFrame({"item": [1, 3]})).prepare_data()
+
+
+def test_stable_tie_rule_keeps_file_order() -> None:
+    items = polars.DataFrame({"item": [1, 2, 3]})
+    interactions = polars.DataFrame({"user": [1, 1, 1], "item": [3, 1, 2], "order": [5, 5, 5]})
+    data = _Broken(interactions, items)
+    data.setup()
+    assert data._flat_items.tolist() == [3, 1, 2]

@@ -1,0 +1,88 @@
+"""The model contract, checked for every model YAML in benchmark/configs/model."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import quiet_trainer
+
+from benchmark.registry import config_names, instantiate_model
+from recbench.batch import PAD_ID, SEQUENCE
+from recbench.model import SeqRecModel
+
+MODEL_CONFIGS = config_names("model")
+EVALUATION_HOOKS = (
+    "validation_step",
+    "test_step",
+    "predict_step",
+    "on_validation_epoch_end",
+    "on_test_epoch_end",
+    "ranked_items",
+)
+
+
+def _model(name: str, data) -> SeqRecModel:
+    return instantiate_model(name, data.num_items, data.max_len)
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_config_instantiates_trains_and_recommends(name: str, tiny_data) -> None:
+    pl.seed_everything(0)
+    model = _model(name, tiny_data)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit(model, datamodule=tiny_data)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "one training step changed nothing"
+    batch = next(iter(tiny_data.test_dataloader()))
+    model.eval()
+    k = 20
+    ranked = model.recommend(batch["history"], k)
+    assert ranked.shape == (len(batch["history"]), k) and ranked.dtype == torch.long
+    assert bool(((ranked >= 0) & (ranked <= tiny_data.num_items)).all())
+    for row in ranked:
+        real = row[row != PAD_ID]
+        assert len(set(real.tolist())) == len(real), "recommend returned a duplicate item"
+        # zeros only at the tail
+        assert bool((row[len(real):] == PAD_ID).all())
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_no_model_overrides_the_shared_evaluation(name: str, tiny_data) -> None:
+    cls = type(_model(name, tiny_data))
+    for hook in EVALUATION_HOOKS:
+        assert getattr(cls, hook) is getattr(SeqRecModel, hook), f"{cls.__name__} overrides {hook}"
+
+
+def test_every_model_file_has_a_config() -> None:
+    import baselines
+
+    files = {path.stem for path in Path(baselines.__path__[0]).glob("*.py")} - {"__init__"}
+    assert files <= set(MODEL_CONFIGS), f"models without a YAML: {files - set(MODEL_CONFIGS)}"
+
+
+def test_exclude_history_drops_history_items(tiny_data) -> None:
+    model = instantiate_model("popularity", tiny_data.num_items, tiny_data.max_len, exclude_history=True)
+    model.counts[1:] = torch.arange(tiny_data.num_items, 0, -1)  # item 1 most popular
+    history = torch.tensor([[0, 0, 1, 3], [0, 0, 0, 2]])
+    ranked = model.ranked_items(history, 3)
+    assert ranked.tolist() == [[2, 4, 5], [1, 3, 4]]
+
+
+def test_sasrec_bce1_loss_runs(tiny_data) -> None:
+    model = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len, loss="bce1")
+    sequence = torch.tensor([[0, 0, 3, 4, 5], [0, 1, 2, 3, 4]])
+    loss = model.loss({SEQUENCE: sequence, "user": torch.tensor([1, 2])})
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_sasrec_output_ignores_padding(tiny_data) -> None:
+    model = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len).eval()
+    history = torch.zeros(1, tiny_data.max_len, dtype=torch.long)
+    history[0, -3:] = torch.tensor([5, 6, 7])
+    hidden = model.encode(history)
+    assert bool((hidden[0, :-3] == 0).all())
+    with torch.no_grad():  # whatever the padding row holds, real positions must not see it
+        model.item_embedding.weight[PAD_ID].normal_()
+    assert torch.allclose(model.encode(history)[:, -3:], hidden[:, -3:], atol=1e-6)
