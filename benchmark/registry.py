@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from recbench.data import SeqRecDataModule
 from recbench.model import SeqRecModel
@@ -37,10 +37,20 @@ def _overrides(group: str, init_args: dict[str, object]) -> list[str]:
     ]
 
 
+class ConfigError(ValueError):
+    """A config that cannot be resolved or instantiated; names the file and the reason."""
+
+
 def _instantiate(group: str, base: type, name_or_path: str, init_args: dict[str, object]) -> object:
+    path = resolve_config(group, name_or_path)
+    if not Path(path).is_file():
+        raise ConfigError(f"unknown {group} {name_or_path!r}: expected a YAML path or one of {', '.join(config_names(group))}")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base, group, required=True)
-    config = parser.parse_args(["--" + group, resolve_config(group, name_or_path), *_overrides(group, init_args)])
+    try:
+        config = parser.parse_args(["--" + group, path, *_overrides(group, init_args)])
+    except ArgumentError as error:  # unknown key, wrong type, unknown class
+        raise ConfigError(f"{path}: {error}") from error
     return getattr(parser.instantiate(config), group)
 
 

@@ -108,3 +108,26 @@ class RankingMetrics(Metric):
             for k in self.ks
             for family in METRIC_FAMILIES
         }
+
+
+class DecodeStats(Metric):
+    """Share of invalid IDs among decoded candidates (generative models).
+
+    A semantic-ID model calls ``update(invalid, candidates)`` in ``recommend`` with the number of
+    decoded IDs that map to no item and the number of decoded IDs; integer sums, so exact in DDP.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("invalid", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("candidates", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, invalid: int | torch.Tensor, candidates: int | torch.Tensor) -> None:
+        self.invalid += torch.as_tensor(invalid, dtype=torch.long, device=self.invalid.device)
+        self.candidates += torch.as_tensor(candidates, dtype=torch.long, device=self.candidates.device)
+
+    def compute(self) -> torch.Tensor:
+        """``(invalid, candidates)`` as float64; the rate is their ratio."""
+        return torch.stack([self.invalid.double(), self.candidates.double()])

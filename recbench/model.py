@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 
 from recbench.batch import HISTORY, PAD_ID, TARGET, USER, Batch
-from recbench.metrics import DEFAULT_KS, RankingMetrics, case_metric_values, metric_names
+from recbench.metrics import DEFAULT_KS, DecodeStats, RankingMetrics, case_metric_values, metric_names
 
 SELECTION_METRIC = "val/ndcg@10"
 
@@ -67,6 +67,8 @@ class SeqRecModel(pl.LightningModule):
         self.exclude_history = exclude_history
         self.val_metrics = RankingMetrics(self.ks)
         self.test_metrics = RankingMetrics(self.ks)
+        #: Generative models count invalid decoded IDs here from ``recommend``; logged per stage.
+        self.decode_stats = DecodeStats()
         self.test_case_users: torch.Tensor | None = None
         self.test_case_values: torch.Tensor | None = None
         self._test_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -121,17 +123,22 @@ class SeqRecModel(pl.LightningModule):
         metrics.update(ranked, batch[TARGET])
         return ranked
 
+    def on_validation_epoch_start(self) -> None:
+        self.decode_stats.reset()
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
+        self._log_decode_stats("val")
         for name, value in values.items():
             self.log(f"val/{name}", value.float(), prog_bar=f"val/{name}" == SELECTION_METRIC)
 
     def on_test_epoch_start(self) -> None:
         self._test_rows = []
+        self.decode_stats.reset()
         self._clock["test"] = time.perf_counter()
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
@@ -144,6 +151,7 @@ class SeqRecModel(pl.LightningModule):
         local_cases = sum(len(users) for users, _ in self._test_rows)
         values = self.test_metrics.compute()
         self.test_metrics.reset()
+        self._log_decode_stats("test")
         self.log_dict({f"test/{name}": value.float() for name, value in values.items()})
         # Each rank timed its own share in parallel: throughput adds up across ranks.
         self.log("test/users_per_second", local_cases / max(seconds, 1e-9), reduce_fx="sum", sync_dist=True)
@@ -163,6 +171,19 @@ class SeqRecModel(pl.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return {USER: batch[USER], "items": self.ranked_items(batch[HISTORY], max(self.ks))}
+
+    def item_id_stats(self) -> dict[str, float]:
+        """Static facts of the model's item IDs for result rows (e.g. ``collision_rate``); none here."""
+        return {}
+
+    def _log_decode_stats(self, stage: str) -> None:
+        # Models that decode IDs update on every recommend call, so every rank agrees on this test.
+        if self.decode_stats.update_count == 0:
+            return
+        invalid, candidates = self.decode_stats.compute()  # synced sums
+        self.decode_stats.reset()
+        if candidates > 0:
+            self.log(f"{stage}/invalid_id_rate", (invalid / candidates).float())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

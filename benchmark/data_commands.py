@@ -1,0 +1,98 @@
+"""The work behind ``recbench data stats|prepare DATASET``, as pure functions the CLI wires up.
+
+- :func:`main` is ``recbench data {stats,prepare} DATASET``; datasets are short names or YAML paths,
+  resolved by :func:`benchmark.registry.instantiate_data` exactly as ``recbench fit`` resolves them.
+- :func:`prepare` runs ``prepare_data`` and reports its time and whether the cache was already there
+  (run it twice for the cold and the warm time).
+- :func:`format_stats` renders :class:`~recbench.data.DatasetStats` (and the split counts) as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from benchmark.registry import config_names, instantiate_data
+from recbench.data import DatasetStats, SeqRecDataModule, SplitCounts
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What one ``prepare_data`` call did."""
+
+    dataset: str
+    cache_path: str
+    cache_hit: bool  # the cache existed before the call, so nothing was parsed
+    seconds: float
+
+
+def prepare(datamodule: SeqRecDataModule) -> PrepareReport:
+    """Run ``prepare_data`` once, timed; a missing source raises ``MissingDataError``."""
+    cache_path = datamodule.cache_path
+    hit = (cache_path / "meta.json").exists()
+    started = time.perf_counter()
+    datamodule.prepare_data()
+    seconds = time.perf_counter() - started
+    return PrepareReport(dataset=datamodule.name, cache_path=str(cache_path), cache_hit=hit, seconds=seconds)
+
+
+def format_stats(stats: DatasetStats, split_counts: SplitCounts | None, prepare_seconds: float | None) -> str:
+    """A human-readable block of dataset statistics (the ``recbench data stats`` output)."""
+    lines = [
+        f"dataset          {stats.name}",
+        f"users            {stats.users:,}",
+        f"items            {stats.items:,}",
+        f"interactions     {stats.interactions:,}",
+        f"mean length      {stats.mean_length:.2f}",
+        f"median length    {stats.median_length:g}",
+        f"density          {stats.density:.6f} ({stats.density * 100:.4f}%)",
+    ]
+    if stats.items_with_field:
+        lines.append("items with text field:")
+        width = max(len(name) for name in stats.items_with_field)
+        for name, count in stats.items_with_field.items():
+            lines.append(f"  {name:<{width}}  {count:,} ({count / stats.items:.1%})")
+    else:
+        lines.append("items with text field: none (no item text in this source)")
+    if stats.filtered:
+        lines.append("filtered rows:")
+        for reason, count in stats.filtered.items():
+            lines.append(f"  {count:,}  {reason}")
+    else:
+        lines.append("filtered rows:   none")
+    if split_counts is not None:
+        lines += [
+            "split:",
+            f"  train targets  {split_counts.train_targets:,}",
+            f"  val cases      {split_counts.val_cases:,}"
+            + (
+                f" (validating on a subset of {split_counts.val_subset:,})" if split_counts.val_subset else ""
+            ),
+            f"  test cases     {split_counts.test_cases:,}",
+            f"  users without a test case        {split_counts.users_without_test_case:,}",
+            f"  users without a validation case  {split_counts.users_without_val_case:,}",
+            f"  users without a training target  {split_counts.users_without_train_target:,}",
+        ]
+    lines += [f"fingerprint      {stats.fingerprint}", f"cache            {stats.cache_path}"]
+    if prepare_seconds is not None:
+        lines.append(f"prepare time     {prepare_seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="recbench data", description="Prepare datasets and print statistics.")
+    parser.add_argument("command", choices=("stats", "prepare"))
+    parser.add_argument("datasets", nargs="+", help=f"short names ({', '.join(config_names('data'))}) or YAML paths")
+    args = parser.parse_args(list(argv))
+    for name in args.datasets:
+        datamodule = instantiate_data(name)
+        report = prepare(datamodule)
+        state = "warm (cache hit)" if report.cache_hit else "cold (parsed the raw files)"
+        if args.command == "prepare":
+            print(f"{report.dataset}: prepared in {report.seconds:.2f} s, {state}: {report.cache_path}")
+            continue
+        datamodule.setup()
+        print(format_stats(datamodule.stats(), datamodule.split_counts, report.seconds))
+        print(f"prepare          {state}")
+        print()
