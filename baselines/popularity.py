@@ -4,7 +4,8 @@ Ranks items by how often they are a training target; ties go to the smaller item
 so the ranking is deterministic. The same list is recommended to every user. Counting happens in
 ``training_step`` over the training loader, so the counts come from exactly the training targets
 every other model learns from; each epoch adds the same counts again, which leaves the ranking
-unchanged. Under DDP the counts are summed across processes before evaluation.
+unchanged. Counts seen since the last evaluation are folded in (summed across processes under DDP)
+when validation or test starts, since Lightning validates before ``on_train_epoch_end``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Popularity(SeqRecModel):
     """Recommends the most frequent training targets to everyone."""
 
     training_view = "pairs"
+    max_useful_epochs = 1
 
     def __init__(
         self,
@@ -40,13 +42,20 @@ class Popularity(SeqRecModel):
         self._local_counts = self._local_counts.to(self.device)
         self._local_counts.index_add_(0, batch[TARGET], torch.ones_like(batch[TARGET]))
 
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        epoch_counts = self._local_counts.to(self.device)
+    def _fold_counts(self) -> None:
+        new_counts = self._local_counts.to(self.device)
         if self.trainer.world_size > 1:
-            torch.distributed.all_reduce(epoch_counts)
-        self.counts += epoch_counts
+            torch.distributed.all_reduce(new_counts)
+        self.counts += new_counts
         self._local_counts = torch.zeros_like(self._local_counts)
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._fold_counts()
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._fold_counts()
 
     @torch.no_grad()
     def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:

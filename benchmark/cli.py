@@ -76,6 +76,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         data_main(argv[1:])
         return
+    if argv and argv[0] == "bench":
+        from benchmark.run import main as bench_main
+
+        bench_main(argv[1:])
+        return
+    if argv and argv[0] in ("leaderboard", "compare"):
+        from benchmark import leaderboard
+
+        (leaderboard.leaderboard_main if argv[0] == "leaderboard" else leaderboard.compare_main)(argv[1:])
+        return
     lightning_main(argv)
 
 

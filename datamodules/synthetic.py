@@ -74,6 +74,8 @@ class SyntheticDataModule(SeqRecDataModule):
         if not 0.0 <= follow_prob <= 1.0:
             raise ValueError(f"follow_prob must be in [0, 1], got {follow_prob}")
         self.scale, self.seed, self.follow_prob, self.min_length = scale, seed, follow_prob, min_length
+        # Result rows key on the name, so a scaled-down set must not share the full set's name.
+        self.name = "synthetic" if scale == 1.0 else f"synthetic-x{scale:g}"
 
     def source_files(self) -> list[Path]:
         return []

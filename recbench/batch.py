@@ -6,6 +6,9 @@ A batch is a plain ``dict[str, Tensor]`` with these keys:
 - ``target``:  LongTensor ``(B,)``, the next item, in ``1..N``.
 - ``user``:    LongTensor ``(B,)``, the user (or session) id of the case.
 
+Evaluation batches also carry ``case``: LongTensor ``(B,)``, the index of the case in its split, so
+per-case results of two runs can be paired (a session split has several cases per user).
+
 Training batches in *sequence* form carry ``sequence`` instead of ``history``/``target``:
 LongTensor ``(B, L + 1)``, the left-padded training prefix; every non-pad position after the first
 real item is a target (SASRec's all-position loss).
@@ -24,6 +27,7 @@ PAD_ID = 0
 HISTORY = "history"
 TARGET = "target"
 USER = "user"
+CASE = "case"
 SEQUENCE = "sequence"
 
 Batch = dict[str, torch.Tensor]

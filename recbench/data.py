@@ -60,7 +60,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from recbench import __version__
-from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER, Batch, left_pad_windows
+from recbench.batch import CASE, HISTORY, PAD_ID, SEQUENCE, TARGET, USER, Batch, left_pad_windows
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ class _CaseCollate:
             HISTORY: left_pad_windows(self.items, start, position, self.max_len),  # (B, L)
             TARGET: self.items[position],  # (B,)
             USER: self.cases.user[index],  # (B,)
+            CASE: index,  # (B,)
         }
 
 

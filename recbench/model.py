@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 
-from recbench.batch import HISTORY, PAD_ID, TARGET, USER, Batch
+from recbench.batch import CASE, HISTORY, PAD_ID, TARGET, USER, Batch
 from recbench.metrics import DEFAULT_KS, DecodeStats, RankingMetrics, case_metric_values, metric_names
 
 SELECTION_METRIC = "val/ndcg@10"
@@ -44,6 +44,8 @@ class SeqRecModel(pl.LightningModule):
 
     #: Which training view the model consumes: whole sequences or (history, target) pairs.
     training_view: ClassVar[Literal["sequence", "pairs"]] = "pairs"
+    #: Epochs after which training cannot change the model (e.g. 1 for counting baselines).
+    max_useful_epochs: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -69,9 +71,12 @@ class SeqRecModel(pl.LightningModule):
         self.test_metrics = RankingMetrics(self.ks)
         #: Generative models count invalid decoded IDs here from ``recommend``; logged per stage.
         self.decode_stats = DecodeStats()
+        #: After a test epoch: case index, user and metric values (in ``metric_names(ks)`` order) per
+        #: case, sorted by case index, gathered from every process.
+        self.test_cases: torch.Tensor | None = None
         self.test_case_users: torch.Tensor | None = None
         self.test_case_values: torch.Tensor | None = None
-        self._test_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._test_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._clock: dict[str, float] = {}
 
     # ------------------------------------------------------------------ model contract
@@ -144,33 +149,35 @@ class SeqRecModel(pl.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         ranked = self._evaluate(batch, self.test_metrics)
         values = case_metric_values(ranked, batch[TARGET], self.ks)
-        self._test_rows.append((batch[USER].cpu(), values.cpu()))
+        self._test_rows.append((batch[CASE].cpu(), batch[USER].cpu(), values.cpu()))
 
     def on_test_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._clock["test"]
-        local_cases = sum(len(users) for users, _ in self._test_rows)
+        local_cases = sum(len(cases) for cases, _, _ in self._test_rows)
         values = self.test_metrics.compute()
         self.test_metrics.reset()
         self._log_decode_stats("test")
         self.log_dict({f"test/{name}": value.float() for name, value in values.items()})
         # Each rank timed its own share in parallel: throughput adds up across ranks.
         self.log("test/users_per_second", local_cases / max(seconds, 1e-9), reduce_fx="sum", sync_dist=True)
-        users = torch.cat([u for u, _ in self._test_rows]) if self._test_rows else torch.zeros(0, dtype=torch.long)
-        rows = (
-            torch.cat([v for _, v in self._test_rows])
-            if self._test_rows
-            else torch.zeros(0, len(metric_names(self.ks)), dtype=torch.float64)
-        )
+        width = len(metric_names(self.ks))
+        cases = torch.cat([c for c, _, _ in self._test_rows]) if self._test_rows else torch.zeros(0, dtype=torch.long)
+        users = torch.cat([u for _, u, _ in self._test_rows]) if self._test_rows else torch.zeros(0, dtype=torch.long)
+        rows = torch.cat([v for _, _, v in self._test_rows]) if self._test_rows else torch.zeros(0, width)
         if self.trainer.world_size > 1:
-            gathered: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, (users, rows))
-            users = torch.cat([g[0] for g in gathered if g is not None])
-            rows = torch.cat([g[1] for g in gathered if g is not None])
-        self.test_case_users, self.test_case_values = users, rows
+            gathered: list[tuple[torch.Tensor, ...] | None] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, (cases, users, rows))
+            cases, users, rows = (torch.cat([g[i] for g in gathered if g is not None]) for i in range(3))
+        order = torch.argsort(cases)
+        self.test_cases, self.test_case_users, self.test_case_values = cases[order], users[order], rows[order]
         self._test_rows = []
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return {USER: batch[USER], "items": self.ranked_items(batch[HISTORY], max(self.ks))}
+
+    def run_notes(self) -> dict[str, object]:
+        """Settings a result row must record beyond the hyper-parameters (e.g. sampler, index kind)."""
+        return {}
 
     def item_id_stats(self) -> dict[str, float]:
         """Static facts of the model's item IDs for result rows (e.g. ``collision_rate``); none here."""

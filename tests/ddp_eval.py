@@ -35,6 +35,7 @@ def main() -> None:
     if trainer.is_global_zero:
         metrics.pop("test/users_per_second")
         users = sorted(model.test_case_users.tolist())
+        assert model.test_cases.tolist() == list(range(len(users))), "cases missing or repeated"
         out.write_text(json.dumps({"metrics": metrics, "users": users, "world_size": trainer.world_size}))
 
 

@@ -1,0 +1,235 @@
+"""``recbench leaderboard`` and ``recbench compare``.
+
+- ``leaderboard``: mean ± sample standard deviation over seeds per (dataset, protocol, profile,
+  model config), the best mean per column in bold, written to ``results/LEADERBOARD.md`` and as bar
+  charts with error bars to ``results/plots/``. Rows are only ever compared within one dataset,
+  protocol and profile.
+- ``compare``: places a new run (an existing run id, or a model config that is trained now through
+  the runner) among the stored rows of the same dataset/protocol/profile, with paired tests on the
+  per-case NDCG@10 and Recall@10 against each stored model: a paired t-test and a paired bootstrap
+  (10,000 resamples, seeded), the mean difference and Cohen's d_z (mean difference / standard
+  deviation of the differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars
+from scipy import stats
+
+from benchmark.run import METRIC_COLUMNS, atomic_write_text, read_rows
+
+BOARD_COLUMNS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10")
+GROUP_COLUMNS = ("dataset", "protocol", "profile")
+
+
+def load_results(results_dir: Path) -> polars.DataFrame:
+    frames = []
+    for path in sorted(results_dir.glob("*.csv")):
+        rows = read_rows(path)
+        if rows:
+            frames.append(polars.DataFrame(rows))
+    if not frames:
+        raise FileNotFoundError(f"no result CSVs in {results_dir}; run `recbench bench` first")
+    table = polars.concat(frames, how="diagonal")
+    numeric = [*METRIC_COLUMNS, "train_seconds", "test_users_per_second", "parameters", "seconds_per_epoch"]
+    return table.with_columns(polars.col(c).cast(polars.Float64, strict=False) for c in numeric)
+
+
+def summarise(table: polars.DataFrame) -> polars.DataFrame:
+    """Mean and std over seeds per model config within each dataset/protocol/profile."""
+    aggregations = [polars.len().alias("seeds"), polars.col("model").first()]
+    for column in (*BOARD_COLUMNS, "train_seconds", "test_users_per_second", "parameters"):
+        aggregations += [polars.col(column).mean().alias(column), polars.col(column).std().alias(f"{column}_std")]
+    return table.group_by([*GROUP_COLUMNS, "config"], maintain_order=True).agg(aggregations).sort(
+        [*GROUP_COLUMNS, "ndcg@10"], descending=[False, False, False, True]
+    )
+
+
+def _cell(mean: float | None, std: float | None, bold: bool) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    text = f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None and not math.isnan(std) else "")
+    return f"**{text}**" if bold else text
+
+
+def render_markdown(summary: polars.DataFrame) -> str:
+    out = io.StringIO()
+    out.write("# recbench leaderboard\n\nMean ± std over seeds (n = seeds); best mean per column in bold. "
+              "Compare rows only within one dataset, protocol and profile.\n")
+    for (dataset, protocol, profile), group in summary.group_by(GROUP_COLUMNS, maintain_order=True):
+        out.write(f"\n## {dataset} — {protocol} — profile {profile}\n\n")
+        header = ["model (config)", "n", *BOARD_COLUMNS, "train s", "test users/s", "params"]
+        out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        best = {column: group[column].max() for column in BOARD_COLUMNS}
+        for row in group.iter_rows(named=True):
+            cells = [f"{row['model']} ({row['config']})", str(row["seeds"])]
+            cells += [_cell(row[c], row[f"{c}_std"], row[c] == best[c]) for c in BOARD_COLUMNS]
+            cells += [f"{row['train_seconds']:.0f}", f"{row['test_users_per_second']:.0f}", f"{row['parameters']:.0f}"]
+            out.write("| " + " | ".join(cells) + " |\n")
+    return out.getvalue()
+
+
+def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for (dataset, protocol, profile), group in summary.group_by(GROUP_COLUMNS, maintain_order=True):
+        figure, axes = plt.subplots(1, 2, figsize=(10, 0.5 * group.height + 2))
+        labels = group["config"].to_list()
+        for axis, metric in zip(axes, ("ndcg@10", "recall@10")):
+            std = group[f"{metric}_std"].fill_null(0.0).to_numpy()
+            axis.barh(labels, group[metric].to_numpy(), xerr=std, color="#4c72b0", capsize=3)
+            axis.invert_yaxis()
+            axis.set_xlabel(metric)
+        figure.suptitle(f"{dataset} ({protocol}, {profile}): mean ± std over seeds")
+        figure.tight_layout()
+        path = plots_dir / f"{dataset}-{protocol}-{profile}.png"
+        temporary = path.with_name(f".{path.name}.tmp.png")
+        figure.savefig(temporary, dpi=110)
+        plt.close(figure)
+        temporary.replace(path)
+        written.append(path)
+    return written
+
+
+def leaderboard_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="recbench leaderboard")
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    args = parser.parse_args(list(argv))
+    table = load_results(args.results_dir)
+    if args.dataset:
+        table = table.filter(polars.col("dataset") == args.dataset)
+    if args.profile:
+        table = table.filter(polars.col("profile") == args.profile)
+    if table.height == 0:
+        raise SystemExit("no rows match the filters")
+    summary = summarise(table)
+    markdown = render_markdown(summary)
+    atomic_write_text(args.results_dir / "LEADERBOARD.md", markdown)
+    plots = plot(summary, args.results_dir / "plots")
+    print(markdown)
+    print(f"wrote {args.results_dir / 'LEADERBOARD.md'} and {len(plots)} plot(s) in {args.results_dir / 'plots'}")
+
+
+# ---------------------------------------------------------------------- paired comparison
+@dataclass(frozen=True)
+class PairedTest:
+    metric: str
+    cases: int
+    mean_new: float
+    mean_stored: float
+    mean_difference: float
+    effect_size_dz: float
+    t_pvalue: float
+    bootstrap_pvalue: float
+
+
+def paired_test(new: np.ndarray, stored: np.ndarray, metric: str, resamples: int = 10_000, seed: int = 0) -> PairedTest:
+    """Paired t-test and paired bootstrap on per-case values of two runs over the same cases.
+
+    The bootstrap p-value is two-sided under the null of zero mean difference: the differences are
+    centred, resampled with replacement, and p = share of resampled means at least as extreme as the
+    observed one.
+    """
+    if new.shape != stored.shape or new.ndim != 1 or len(new) < 2:
+        raise ValueError(f"need two equal-length per-case vectors with >= 2 cases, got {new.shape} and {stored.shape}")
+    difference = new - stored
+    mean = float(difference.mean())
+    sd = float(difference.std(ddof=1))
+    if sd == 0.0:
+        t_p = 1.0 if mean == 0.0 else 0.0
+    else:
+        t_p = float(stats.ttest_rel(new, stored).pvalue)
+    rng = np.random.default_rng(seed)
+    centred = difference - mean
+    boot = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # chunks bound memory at 1000 x cases
+        index = rng.integers(0, len(difference), size=(min(1000, resamples - start), len(difference)))
+        boot[start : start + len(index)] = centred[index].mean(axis=1)
+    boot_p = float((np.abs(boot) >= abs(mean)).mean()) if sd > 0 else t_p
+    return PairedTest(metric, len(new), float(new.mean()), float(stored.mean()), mean,
+                      mean / sd if sd > 0 else 0.0, t_p, boot_p)
+
+
+def _run_cases(results_dir: Path, run_id: str) -> polars.DataFrame:
+    path = results_dir / "runs" / run_id / "cases.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"no per-case results for run {run_id!r} at {path}")
+    return polars.read_parquet(path)
+
+
+def compare_main(argv: Sequence[str]) -> None:
+    from benchmark.run import RunSpec, load_profile, model_config_for, run_one
+
+    parser = argparse.ArgumentParser(prog="recbench compare")
+    parser.add_argument("run_or_config", help="a run id in results/runs, or a model config (name or YAML) to train now")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args(list(argv))
+
+    if (args.results_dir / "runs" / args.run_or_config / "metrics.json").exists():
+        new_row = json.loads((args.results_dir / "runs" / args.run_or_config / "metrics.json").read_text())
+    else:
+        profile = load_profile(args.profile)
+        spec = RunSpec(args.dataset, model_config_for(args.run_or_config, profile), args.seed, profile)
+        metrics_file = args.results_dir / "runs" / spec.run_id / "metrics.json"
+        if metrics_file.exists():
+            print(f"using the stored run {spec.run_id}")
+            new_row = json.loads(metrics_file.read_text())
+        else:
+            new_row = run_one(spec, args.results_dir, args.work_dir, {}, {})
+    new_cases = _run_cases(args.results_dir, str(new_row["run_id"]))
+    table = load_results(args.results_dir).filter(
+        (polars.col("dataset") == new_row["dataset"])
+        & (polars.col("protocol") == new_row["protocol"])
+        & (polars.col("profile") == new_row["profile"])
+    )
+    summary = summarise(table)
+    print(f"\n{new_row['config']} on {new_row['dataset']} ({new_row['protocol']}, {new_row['profile']}), "
+          f"seed {new_row['seed']}: NDCG@10 {float(new_row['ndcg@10']):.4f}, Recall@10 {float(new_row['recall@10']):.4f}")
+    ranking = summary.select("config", "ndcg@10", "recall@10", "seeds").to_dicts()
+    if not any(r["config"] == new_row["config"] for r in ranking):
+        ranking.append({"config": new_row["config"], "ndcg@10": float(new_row["ndcg@10"]),
+                        "recall@10": float(new_row["recall@10"]), "seeds": 1})
+    ranking.sort(key=lambda r: -r["ndcg@10"])
+    print("\nrank  model config                 NDCG@10   Recall@10  seeds")
+    for position, entry in enumerate(ranking, 1):
+        marker = "  <- new" if entry["config"] == new_row["config"] else ""
+        print(f"{position:>4}  {entry['config']:<28} {entry['ndcg@10']:.4f}    {entry['recall@10']:.4f}     {entry['seeds']}{marker}")
+
+    print("\npaired tests on per-case values (new - stored), same test cases:")
+    print(f"{'stored config':<28} {'metric':<10} {'new':>7} {'stored':>7} {'diff':>8} {'d_z':>7} {'p(t)':>9} {'p(boot)':>9}")
+    for config, group in table.group_by("config", maintain_order=True):
+        config_name = config[0]
+        if config_name == new_row["config"]:
+            continue
+        same_seed = group.filter(polars.col("seed") == str(new_row["seed"]))
+        stored_row = (same_seed if same_seed.height else group).row(0, named=True)
+        stored_cases = _run_cases(args.results_dir, stored_row["run_id"])
+        joined = new_cases.join(stored_cases, on="case", suffix="_stored")
+        if joined.height != new_cases.height:
+            print(f"{config_name:<28} cases differ ({joined.height} shared of {new_cases.height}); skipped")
+            continue
+        for metric in ("ndcg@10", "recall@10"):
+            result = paired_test(joined[metric].to_numpy(), joined[f"{metric}_stored"].to_numpy(), metric)
+            print(f"{config_name:<28} {metric:<10} {result.mean_new:>7.4f} {result.mean_stored:>7.4f} "
+                  f"{result.mean_difference:>+8.4f} {result.effect_size_dz:>+7.3f} {result.t_pvalue:>9.2e} "
+                  f"{result.bootstrap_pvalue:>9.4f}")

@@ -1,0 +1,451 @@
+"""The benchmark runner: ``recbench bench --dataset D [--models a,b] [--seeds 1,2,3] [--profile P]``.
+
+For every (model config, seed) it fits with early stopping on ``val/ndcg@10``, tests the best
+checkpoint once, and appends one row to ``results/<dataset>.csv`` (schema :data:`ROW_COLUMNS`,
+version :data:`ROW_SCHEMA_VERSION`) plus ``results/runs/<run_id>/`` with the resolved config
+(``config.json``), the metrics (``metrics.json``) and per-case metric values (``cases.parquet``) for
+paired significance tests.
+
+Robustness:
+
+- appends hold an exclusive ``fcntl`` lock on ``<csv>.lock`` and rewrite the CSV through a temporary
+  file and ``os.replace``: two runners at once lose nothing and a crash never leaves a partial row;
+- checkpoints live in ``<work_dir>/<run_id>/checkpoints``; rerunning the same command after a crash
+  resumes from ``last.ckpt``;
+- a run whose key (dataset, protocol, model, config, seed, profile) is already in the CSV is skipped
+  unless ``--force`` (which replaces the row).
+
+Model configs: ``<name>.yaml`` serves the smoke and quick profiles, ``<name>_paper.yaml`` the paper
+profile where it exists. Trainer options pass through (``--trainer.strategy ddp
+--trainer.devices 2``); the row records the world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning.pytorch as pl
+import polars
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from benchmark.registry import CONFIG_DIR, config_names, instantiate_data, instantiate_model, resolve_config
+from recbench.data import SeqRecDataModule
+from recbench.metrics import metric_names
+from recbench.model import SELECTION_METRIC, SeqRecModel
+
+ROW_SCHEMA_VERSION = 1
+METRIC_COLUMNS = metric_names((5, 10, 20))
+KEY_COLUMNS = ("dataset", "protocol", "model", "config", "seed", "profile")
+ROW_COLUMNS: tuple[str, ...] = (
+    *KEY_COLUMNS,
+    *METRIC_COLUMNS,
+    "invalid_id_rate",
+    "collision_rate",
+    "parameters",
+    "epochs",
+    "best_epoch",
+    "train_seconds",
+    "seconds_per_epoch",
+    "test_users_per_second",
+    "peak_memory_mb",
+    "device",
+    "precision",
+    "world_size",
+    "val_subset",
+    "exclude_history",
+    "git_commit",
+    "config_hash",
+    "data_fingerprint",
+    "date",
+    "run_id",
+    "notes",
+    "schema_version",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A benchmark profile (``benchmark/configs/profile/<name>.yaml``); unknown keys are errors.
+
+    Args:
+        name: profile name recorded in every row.
+        max_epochs: epoch budget.
+        patience: early-stopping patience in validation epochs.
+        val_subset: validate on this many seeded validation cases (None = all).
+        limit_train_batches: cap on training batches per epoch (smoke runs).
+        check_val_every_n_epoch: validation cadence.
+        model_variant: use ``<model>_<variant>.yaml`` where that file exists.
+        precision: Lightning precision; None = bf16-mixed on GPU, 32-true on CPU.
+    """
+
+    name: str
+    max_epochs: int
+    patience: int
+    val_subset: int | None = None
+    limit_train_batches: int | None = None
+    check_val_every_n_epoch: int = 1
+    model_variant: str = ""
+    precision: str | None = None
+
+
+def load_profile(name_or_path: str) -> Profile:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Profile, "profile")
+    path = resolve_config("profile", name_or_path)
+    if not Path(path).is_file():
+        raise ValueError(f"unknown profile {name_or_path!r}: expected one of {', '.join(config_names('profile'))}")
+    config = parser.parse_object({"profile": yaml.safe_load(Path(path).read_text())})
+    return parser.instantiate(config).profile
+
+
+def model_config_for(model: str, profile: Profile) -> str:
+    if profile.model_variant and (CONFIG_DIR / "model" / f"{model}_{profile.model_variant}.yaml").exists():
+        return f"{model}_{profile.model_variant}"
+    return model
+
+
+def default_models() -> list[str]:
+    """Every base model config (no ``_variant`` suffix)."""
+    return [name for name in config_names("model") if "_" not in name]
+
+
+# ---------------------------------------------------------------------- the CSV store
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _row_key(row: dict[str, object]) -> tuple[str, ...]:
+    return tuple(str(row[column]) for column in KEY_COLUMNS)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def append_row(path: Path, row: dict[str, object], replace: bool = False) -> None:
+    """Add ``row`` to the CSV under an exclusive lock, atomically; a duplicate key is an error
+    unless ``replace``."""
+    missing = set(ROW_COLUMNS) - set(row)
+    if missing:
+        raise ValueError(f"row lacks columns {sorted(missing)}")
+    with locked(path):
+        rows = read_rows(path)
+        key = _row_key(row)
+        if any(_row_key(existing) == key for existing in rows):
+            if not replace:
+                raise ValueError(f"{path}: a row for {dict(zip(KEY_COLUMNS, key))} exists already")
+            rows = [existing for existing in rows if _row_key(existing) != key]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=ROW_COLUMNS, extrasaction="raise")
+        writer.writeheader()
+        for existing in rows:
+            writer.writerow({column: existing.get(column, "") for column in ROW_COLUMNS})
+        writer.writerow({column: "" if row[column] is None else row[column] for column in ROW_COLUMNS})
+        atomic_write_text(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------- one run
+class _EpochLog(Callback):
+    """Remembers the validation metric per epoch and the wall time of training."""
+
+    def __init__(self) -> None:
+        self.val_history: list[tuple[int, float]] = []
+        self.epoch_seconds: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # on_validation_end runs after the module logged its epoch metrics (epoch-end hooks do not).
+        if trainer.sanity_checking or SELECTION_METRIC not in trainer.callback_metrics:
+            return
+        self.val_history.append((trainer.current_epoch, float(trainer.callback_metrics[SELECTION_METRIC])))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        seconds = trainer.callback_metrics.get("train/epoch_seconds")
+        if seconds is not None:
+            self.epoch_seconds.append(float(seconds))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str
+    model_config: str
+    seed: int
+    profile: Profile
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.dataset}-{self.model_config}-{self.profile.name}-seed{self.seed}"
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=root, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=root
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu} ({os.cpu_count()} cores)"
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _config_hash(parts: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_one(
+    spec: RunSpec,
+    results_dir: Path,
+    work_dir: Path,
+    trainer_overrides: dict[str, object],
+    data_overrides: dict[str, object],
+    force: bool = False,
+) -> dict[str, object]:
+    """Fit, test the best checkpoint, append the row; returns the row."""
+    profile = spec.profile
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    data: SeqRecDataModule = instantiate_data(spec.dataset, val_subset=profile.val_subset, **data_overrides)
+    model: SeqRecModel = instantiate_model(spec.model_config, data.num_items, data.max_len)
+    run_dir = work_dir / spec.run_id
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max", filename="best", save_last=True
+    )
+    epoch_log = _EpochLog()
+    max_epochs = profile.max_epochs
+    if model.max_useful_epochs is not None:
+        max_epochs = min(max_epochs, model.max_useful_epochs)
+    options: dict[str, object] = {
+        "max_epochs": max_epochs,
+        "precision": profile.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
+        "callbacks": [checkpoint, EarlyStopping(SELECTION_METRIC, mode="max", patience=profile.patience), epoch_log],
+        "logger": CSVLogger(run_dir, name="logs", version=""),
+        "check_val_every_n_epoch": profile.check_val_every_n_epoch,
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+    }
+    if profile.limit_train_batches is not None:
+        options["limit_train_batches"] = profile.limit_train_batches
+    options.update(trainer_overrides)
+    trainer = pl.Trainer(**options)  # type: ignore[arg-type]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = last.exists() and not force
+    started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(model, datamodule=data, ckpt_path=str(last) if resumed else None)
+    train_seconds = time.perf_counter() - started
+    # No best checkpoint exists when training never stepped an optimiser (counting baselines): the
+    # in-memory model is then the trained model.
+    best_path = checkpoint.best_model_path or None
+    (test_metrics,) = trainer.test(model, datamodule=data, ckpt_path=best_path, verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+
+    best_epoch = max(epoch_log.val_history, key=lambda item: item[1])[0] if epoch_log.val_history else None
+    resolved = {
+        "model": {"class_path": f"{type(model).__module__}.{type(model).__qualname__}", "init_args": dict(model.hparams)},
+        "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", **data.describe()},
+        "profile": asdict(profile),
+        "trainer": {k: v for k, v in options.items() if k not in ("callbacks", "logger")},
+        "seed": spec.seed,
+    }
+    notes = {**model.run_notes(), "resumed": resumed, "best_checkpoint": best_path}
+    row: dict[str, object] = {
+        "dataset": data.name,
+        "protocol": data.split,
+        "model": type(model).__name__,
+        "config": spec.model_config,
+        "seed": spec.seed,
+        "profile": profile.name,
+        **{name: round(float(test_metrics[f"test/{name}"]), 6) for name in METRIC_COLUMNS},
+        "invalid_id_rate": (
+            round(float(test_metrics["test/invalid_id_rate"]), 6) if "test/invalid_id_rate" in test_metrics else None
+        ),
+        "collision_rate": model.item_id_stats().get("collision_rate"),
+        "parameters": model.num_parameters(),
+        "epochs": trainer.current_epoch,
+        "best_epoch": best_epoch,
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_epoch": (
+            round(sum(epoch_log.epoch_seconds) / len(epoch_log.epoch_seconds), 3) if epoch_log.epoch_seconds else None
+        ),
+        "test_users_per_second": round(float(test_metrics["test/users_per_second"]), 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "device": device_name(),
+        "precision": str(trainer.precision),
+        "world_size": trainer.world_size,
+        "val_subset": profile.val_subset,
+        "exclude_history": model.exclude_history,
+        "git_commit": git_commit(),
+        "config_hash": _config_hash(resolved),
+        "data_fingerprint": data.fingerprint,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run_id": spec.run_id,
+        "notes": json.dumps(notes, sort_keys=True),
+        "schema_version": ROW_SCHEMA_VERSION,
+    }
+    out = results_dir / "runs" / spec.run_id
+    atomic_write_text(out / "config.json", json.dumps(resolved, indent=2, default=str))
+    atomic_write_text(out / "metrics.json", json.dumps(row, indent=2, default=str))
+    cases = polars.DataFrame(
+        {
+            "case": model.test_cases.numpy(),
+            "user": model.test_case_users.numpy(),
+            **{name: model.test_case_values[:, i].numpy() for i, name in enumerate(metric_names(model.ks))},
+        }
+    )
+    with tempfile.NamedTemporaryFile(dir=out, suffix=".parquet.tmp", delete=False) as handle:
+        cases.write_parquet(handle.name)
+    os.replace(handle.name, out / "cases.parquet")
+    append_row(results_dir / f"{data.name}.csv", row, replace=force)
+    return row
+
+
+def summary_line(row: dict[str, object]) -> str:
+    return (
+        f"{row['dataset']} {row['config']} seed={row['seed']} [{row['profile']}]: "
+        f"R@10={float(row['recall@10']):.4f} N@10={float(row['ndcg@10']):.4f} "
+        f"R@20={float(row['recall@20']):.4f} N@20={float(row['ndcg@20']):.4f} "
+        f"epochs={row['epochs']} (best {row['best_epoch']}) train={float(row['train_seconds']):.0f}s "
+        f"test={float(row['test_users_per_second']):.0f} users/s"
+    )
+
+
+def _parse_overrides(items: Sequence[str], prefix: str) -> dict[str, object]:
+    """``--trainer.devices 2`` style pairs (already split) into a dict with YAML-typed values."""
+    out: dict[str, object] = {}
+    it = iter(items)
+    for item in it:
+        if not item.startswith(prefix):
+            raise ValueError(f"unexpected argument {item!r}")
+        key, _, value = item[len(prefix) :].partition("=")
+        if not _:
+            value = next(it, None)
+            if value is None:
+                raise ValueError(f"{item} needs a value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def model_class_name(model_config: str) -> str:
+    """The class a model config names, without building the model."""
+    return str(yaml.safe_load(Path(resolve_config("model", model_config)).read_text())["class_path"]).rsplit(".", 1)[-1]
+
+
+def existing_keys(results_dir: Path, dataset_name: str) -> set[tuple[str, ...]]:
+    return {_row_key(row) for row in read_rows(results_dir / f"{dataset_name}.csv")}
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="recbench bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="synthetic", help="data short name or YAML (default: synthetic)")
+    parser.add_argument("--models", default=None, help="comma-separated model configs (default: every base model)")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds")
+    parser.add_argument("--profile", default="quick", help="smoke, quick, paper or a profile YAML")
+    parser.add_argument("--force", action="store_true", help="rerun and replace rows that exist")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="checkpoints and logs")
+    args, extra = parser.parse_known_args(list(argv))
+    trainer_overrides = _parse_overrides(_pair(extra, "--trainer."), "--trainer.")
+    data_overrides = _parse_overrides(_pair(extra, "--data."), "--data.")
+    profile = load_profile(args.profile)
+    models = args.models.split(",") if args.models else default_models()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    data = instantiate_data(args.dataset, **data_overrides)
+    # Decided once, before any run: under DDP every process re-executes this and must agree.
+    done = existing_keys(args.results_dir, data.name)
+    specs = [RunSpec(args.dataset, model_config_for(m, profile), s, profile) for m in models for s in seeds]
+    started = time.perf_counter()
+    rows = []
+    for index, spec in enumerate(specs, 1):
+        key = (data.name, data.split, model_class_name(spec.model_config), spec.model_config, str(spec.seed), profile.name)
+        if key in done and not args.force:
+            print(f"[{index}/{len(specs)}] skip {spec.run_id}: already in {args.results_dir / (data.name + '.csv')}")
+            continue
+        print(f"[{index}/{len(specs)}] {spec.run_id}")
+        row = run_one(spec, args.results_dir, args.work_dir, trainer_overrides, data_overrides, args.force)
+        if row:
+            rows.append(row)
+            print(summary_line(row), flush=True)
+    print(f"bench finished: {len(rows)} runs in {time.perf_counter() - started:.0f} s")
+
+
+def _pair(extra: Sequence[str], prefix: str) -> list[str]:
+    """Pick ``--prefix.key value`` and ``--prefix.key=value`` items out of unparsed arguments."""
+    picked: list[str] = []
+    index = 0
+    while index < len(extra):
+        item = extra[index]
+        if item.startswith(prefix):
+            picked.append(item)
+            if "=" not in item and index + 1 < len(extra):
+                picked.append(extra[index + 1])
+                index += 1
+        elif item.startswith("--") and not item.startswith(("--trainer.", "--data.")):
+            raise SystemExit(f"recbench bench: unknown option {item}")
+        index += 1
+    return picked
