@@ -537,16 +537,22 @@ class SeqRecDataModule(pl.LightningDataModule):
         Item-side fitting (PCA, quantisers) uses only these, so validation/test-only items never
         shape the codebooks.
         """
+        items, _ = self.train_sequences()
+        mask = torch.zeros(self.num_items + 1, dtype=torch.bool)
+        mask[items] = True
+        mask[PAD_ID] = False
+        return mask
+
+    def train_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training prefixes as a flat item array and offsets ``(U + 1,)`` (CSR layout)."""
         self.setup()
         user, start, end = self._train_prefixes
         lengths = (end - start).clamp(min=0)
         row = torch.repeat_interleave(torch.arange(len(start)), lengths)
         first = torch.cumsum(lengths, 0) - lengths
         index = start[row] + torch.arange(int(lengths.sum())) - first[row]
-        mask = torch.zeros(self.num_items + 1, dtype=torch.bool)
-        mask[self._flat_items[index]] = True
-        mask[PAD_ID] = False
-        return mask
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+        return self._flat_items[index], offsets
 
     # ------------------------------------------------------------------ loaders
     def _resolved_train_format(self) -> Literal["sequence", "pairs"]:
