@@ -80,13 +80,56 @@ def format_stats(stats: DatasetStats, split_counts: SplitCounts | None, prepare_
     return "\n".join(lines)
 
 
+def semantic_id_report(datamodule: SeqRecDataModule, scheme: str, encoder: str) -> str:
+    """Embed the items, fit semantic IDs on the training items, and describe both (``data sids``)."""
+    from recbench.item_side import item_embeddings_for, semantic_ids_for
+    from recbench.semantic_ids import ParallelPQConfig, ResidualKMeansConfig
+    from recbench.text import build_item_sentences
+
+    started = time.perf_counter()
+    embeddings = item_embeddings_for(datamodule, encoder=encoder)
+    embed_seconds = time.perf_counter() - started
+    config = ResidualKMeansConfig() if scheme == "rq" else ParallelPQConfig()
+    started = time.perf_counter()
+    sids = semantic_ids_for(datamodule, config, embeddings)
+    fit_seconds = time.perf_counter() - started
+    stats = sids.stats()
+    lines = [
+        f"dataset              {datamodule.name}",
+        f"embedding source     {embeddings.source} ({embeddings.dim}-d)",
+        f"embedding time       {embed_seconds:.1f} s this call ({'cache hit; ' if embeddings.from_cache else ''}"
+        f"original computation {embeddings.seconds:.1f} s)",
+    ]
+    if embeddings.fields:
+        sentences, placeholders = build_item_sentences(datamodule.items_table, embeddings.fields)
+        lines.append(f"text fields          {', '.join(embeddings.fields)} ({len(placeholders)} items without text)")
+        lines.append(f"example sentence     item 1: {sentences[0]}")
+    lines += [
+        f"scheme               {sids.scheme}",
+        f"training items       {int(datamodule.train_item_mask().sum()):,} of {datamodule.num_items:,} (fit on these only)",
+        f"unique IDs           {stats.n_unique_ids:,} of {stats.n_items:,} items (before any collision digit)",
+        f"collision rate       {stats.collision_rate:.4f}",
+        f"largest collision    {stats.max_collision_group} items",
+        "code usage per digit " + ", ".join(str(u) for u in stats.code_usage),
+        "entropy bits/digit   " + ", ".join(f"{e:.2f}" for e in stats.code_entropy_bits),
+        f"fit time             {fit_seconds:.1f} s this call (original fit {stats.fit_seconds:.1f} s)",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="recbench data", description="Prepare datasets and print statistics.")
-    parser.add_argument("command", choices=("stats", "prepare"))
+    parser.add_argument("command", choices=("stats", "prepare", "sids"))
     parser.add_argument("datasets", nargs="+", help=f"short names ({', '.join(config_names('data'))}) or YAML paths")
+    parser.add_argument("--scheme", choices=("rq", "pq"), default="rq", help="sids: residual k-means or parallel PQ")
+    parser.add_argument("--encoder", default="all-MiniLM-L6-v2", help="sids: sentence encoder name or path")
     args = parser.parse_args(list(argv))
     for name in args.datasets:
         datamodule = instantiate_data(name)
+        if args.command == "sids":
+            print(semantic_id_report(datamodule, args.scheme, args.encoder))
+            print()
+            continue
         report = prepare(datamodule)
         state = "warm (cache hit)" if report.cache_hit else "cold (parsed the raw files)"
         if args.command == "prepare":

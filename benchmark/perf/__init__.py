@@ -1,0 +1,1 @@
+"""Speed and memory measurements; each script writes its figures to ``results/perf/``."""
