@@ -387,10 +387,12 @@ class SeqRecDataModule(pl.LightningDataModule):
     def items_table(self) -> polars.DataFrame:
         """The items table (``item`` 1..N in order, plus text columns)."""
         if self._items_table is None:
+            self.prepare_data()
             self._items_table = polars.read_parquet(self.cache_path / "items.parquet")
         return self._items_table
 
     def stats(self) -> DatasetStats:
+        self.prepare_data()
         interactions = polars.read_parquet(self.cache_path / "interactions.parquet")
         lengths = interactions.group_by("user").len()["len"]
         items = self.items_table
