@@ -222,6 +222,10 @@ class RunSpec:
 
 
 def git_commit() -> str:
+    """HEAD (with ``-dirty`` for uncommitted tracked changes); ``$RECBENCH_GIT_COMMIT`` where the
+    checkout has no ``.git`` (a copied working tree on a remote machine)."""
+    if os.environ.get("RECBENCH_GIT_COMMIT"):
+        return os.environ["RECBENCH_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
