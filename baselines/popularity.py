@@ -49,6 +49,10 @@ class Popularity(SeqRecModel):
         self.counts += new_counts
         self._local_counts = torch.zeros_like(self._local_counts)
 
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self._fold_counts()
+
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         self._fold_counts()

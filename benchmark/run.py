@@ -317,7 +317,13 @@ def run_one(
         "trainer": {k: v for k, v in options.items() if k not in ("callbacks", "logger")},
         "seed": spec.seed,
     }
-    notes = {**model.run_notes(), "resumed": resumed, "best_checkpoint": best_path}
+    notes = {
+        **model.run_notes(),
+        "resumed": resumed,
+        "best_checkpoint": best_path,
+        "trainer_overrides": {k: str(v) for k, v in trainer_overrides.items()},
+        "data_overrides": {k: str(v) for k, v in data_overrides.items()},
+    }
     row: dict[str, object] = {
         "dataset": data.name,
         "protocol": data.split,

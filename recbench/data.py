@@ -64,7 +64,7 @@ from recbench.batch import CASE, HISTORY, PAD_ID, SEQUENCE, TARGET, USER, Batch,
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 TEXT_FIELDS: tuple[str, ...] = (
     "title",
     "title_fragment",
@@ -336,7 +336,8 @@ class SeqRecDataModule(pl.LightningDataModule):
         meta = {
             "name": self.name,
             "signature": self.preprocessing_signature(),
-            "fingerprint": target.name.rsplit("-", 1)[-1],
+            "cache_key": target.name.rsplit("-", 1)[-1],
+            "fingerprint": _content_hash(interactions, items),
             "recbench_version": __version__,
             "order_is_time": tables.order_is_time,
             "users": int(lengths.len()),
@@ -381,6 +382,7 @@ class SeqRecDataModule(pl.LightningDataModule):
 
     @property
     def fingerprint(self) -> str:
+        """Hash of the canonical tables' content: equal on every machine that has the same data."""
         return str(self.meta["fingerprint"])
 
     @property
@@ -623,6 +625,14 @@ class SeqRecDataModule(pl.LightningDataModule):
         """What a result row records about the data."""
         counts = self.split_counts
         return {"dataset": self.name, "protocol": self.split, "fingerprint": self.fingerprint, **asdict(counts)}
+
+
+def _content_hash(interactions: polars.DataFrame, items: polars.DataFrame) -> str:
+    digest = hashlib.sha256()
+    for column in ("user", "item", "order"):
+        digest.update(np.ascontiguousarray(interactions[column].to_numpy(), dtype=np.int64).tobytes())
+    digest.update(str(items.height).encode())
+    return digest.hexdigest()[:16]
 
 
 def _non_empty(column: polars.Series) -> polars.Series:
