@@ -1,0 +1,543 @@
+"""DreamRec (Yang et al., NeurIPS 2023) as specified in MODELS.md §5: guided Gaussian diffusion that
+generates an "oracle item" embedding, then retrieves the nearest real items.
+
+The system, with ``d`` the width, ``E`` the item table ``(N + 1, d)`` and ``∅`` a learned null vector:
+
+1. **History encoder** (:class:`FaithfulTEnc`, MODELS.md §5.2): one SASRec-style block with one head,
+   pooled at the last real position, giving ``h`` ``(B, d)``.
+2. **Denoiser** ``f(x_i, c, i)`` predicts ``x0`` from the noisy vector ``x_i``, a condition ``c``
+   (``h`` or ``∅``) and a time embedding ``temb_i = MLP(sinusoid(i))`` (§5.3):
+   ``mlp1``: ``f = W [x_i; c; temb_i] + b`` (one linear layer), ``mlp2``: ``Linear(3d, 2d) -> GELU ->
+   Linear(2d, d)``.
+3. **Training** (§5.5): ``x0 = sg(E[target])`` (the same table as the encoder input; ``sg`` = stop
+   the gradient, see below), ``h`` replaced by ``∅`` with probability ``p`` per row
+   (classifier-free-guidance dropout),
+   ``i ~ U{0..T-1}``, ``x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps`` and
+   ``loss = mean ||x0 - f(x_i, h, i)||^2`` (``GaussianDiffusion.training_loss``).
+4. **Sampling** (§5.6): DDPM ancestral sampling over all ``T`` steps with the guided prediction
+   ``x̂0 = (1 + w) f(x_i, h, i) - w f(x_i, ∅, i)``; ``h`` without CFG dropout, modules in eval mode.
+5. **Retrieval** (§5.7): the generated ``x0`` scores items by ``x0 · E[j]`` through
+   :class:`~recbench.retrieval.ItemIndex` (faiss when installed); PAD is never returned.
+
+Fixes of the reference (MODELS.md §9), each one a plain improvement unless an option says otherwise:
+evaluation runs in eval mode (no dropout at test time, §9.2); PAD is masked (§9.3); no evaluation
+case is dropped (§9.4, the base class evaluates every batch); the checkpoint is selected on
+validation NDCG@10 (§9.1, the shared trainer config). **Changes results, hence options** (both
+recorded in the hyper-parameters of every result row):
+
+- ``stop_target_gradient`` (default True; the reference: False, MODELS.md §9.8). With the target
+  ``x0 = E[y]`` trainable, the MSE is lowered by shrinking the targets themselves: measured on
+  YooChoose (rc15 subset, T = 500, lr 1e-3, H100), the mean norm of validation targets fell from 8.1
+  to 2.3 in 12 epochs while rarely trained items kept norm about 8, so the dot-product search
+  returned those and validation NDCG@10 fell from 0.049 (epoch 1) to 0.000; on the Beauty-sized
+  synthetic set (lr 5e-3) it never rose above 0.0002. With ``x0 = sg(E[y])`` the table only learns
+  through the encoder, target norms stay at about 8, and NDCG@10 rose steadily (YooChoose 0.074 ->
+  0.217, synthetic 0.053 -> 0.381 over the same epochs).
+- ``item_scope`` (§5.8b). Items that never occur in training keep their ``N(0, 1)`` initial norm
+  (about ``sqrt(d) = 8``) while trained items move, so a dot-product search over all items returns
+  untrained items. ``item_scope="trained"`` (default) retrieves only among items of the training
+  split; ``"all"`` is the reference behaviour.
+
+Exact speed-ups (MODELS.md §8; same outputs for the same noise, up to float rounding):
+
+- the whole evaluation batch is one chain (the state is only ``B x d``; make ``eval_batch_size``
+  large, results do not depend on it, see *Noise* below);
+- the time embeddings of all ``T`` steps, and for ``mlp1`` also ``W_t temb_i + b``, are computed once
+  per evaluation; the posterior coefficients are device buffers of ``GaussianDiffusion``;
+- the conditional and unconditional calls are fused. ``mlp1`` is affine, so
+  ``x̂0 = W_x x + W_t temb_i + b + W_h ((1 + w) h - w ∅)``: one ``(B, d) x (d, d)`` matmul per step with
+  the guided condition term computed once per batch. ``mlp2`` runs both branches as one ``2B``
+  batch.
+
+``generate(..., path="naive")`` keeps the reference's loop (two denoiser calls per step and the time
+MLP at every step) for the speed benchmark ``benchmark/perf/dreamrec_sampling.py`` and the
+fused-equals-naive test. ``sampler="ddim"`` (strided DDIM with ``ddim_steps`` steps) is an
+**approximate** speed-up; :meth:`DreamRec.sampler_description` says so, for the result rows.
+
+Noise. Evaluation noise is seeded by ``eval_seed`` and *keyed by history*
+(:class:`~recbench.diffusion.KeyedNoise` over :func:`~recbench.diffusion.sequence_keys`): the noise
+a case receives is a pure function of ``(eval_seed, its history, the draw number)``. So
+``recommend`` is a deterministic function of the history, and the metrics do not depend on the
+evaluation batch size, the order of the batches or the number of DDP processes; every validation
+epoch reuses the same noise per case (common random numbers, so epochs are compared on equal
+terms). Two cases with identical histories receive identical samples (they are the same input).
+To average over noise, evaluate with several ``eval_seed`` values. Training noise comes from the
+global RNG that Lightning seeds.
+
+Data conventions: histories are left-padded with 0 (the reference right-pads with id N), so the
+pooled "last real position" is index ``L - 1``; positions are counted from the oldest real item, as
+in the reference's right-padded layout. With an empty history (all padding; it does not occur under
+leave-one-out or in our session split) the pooled state is ``LN3(0)``, as in the reference (§5.2.6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from recbench.batch import HISTORY, PAD_ID, TARGET, Batch
+from recbench.data import SeqRecDataModule
+from recbench.diffusion import (
+    GaussianDiffusion,
+    KeyedNoise,
+    ScheduleName,
+    classifier_free_x0,
+    ddim_sample,
+    ddpm_sample,
+    precompute_time_table,
+    sequence_keys,
+    sinusoidal_time_embedding,
+)
+from recbench.metrics import DEFAULT_KS
+from recbench.model import SeqRecModel
+from recbench.retrieval import Backend, ItemIndex
+
+DenoiserKind = Literal["mlp1", "mlp2"]
+EncoderKind = Literal["faithful"]
+SamplerKind = Literal["ddpm", "ddim"]
+ItemScope = Literal["trained", "all"]
+SamplingPath = Literal["fused", "naive"]
+
+#: The reference's "minus infinity" for masked attention logits (finite, so a row whose keys are all
+#: masked gets a uniform softmax instead of NaN).
+REFERENCE_MASK_FILL = -(2.0**32) + 1
+
+
+class FaithfulTEnc(nn.Module):
+    r"""DreamRec's history encoder ("T-enc", MODELS.md §5.2) with the reference's quirks kept.
+
+    For embedded items ``X0 = E[S]`` ``(B, L, d)`` and the real-item mask ``m`` ``(B, L)``:
+
+    1. ``X = Dropout(X0 + P[pos]) * m``: learned positions counted from the oldest real item;
+       padding rows zero.
+    2. ``Q = LN1(X)``. One attention head, query from ``Q``, keys and values from the
+       *un-normalised* ``X`` (linear maps with bias):
+       ``S = (Q W_q)(X W_k)^T / sqrt(d)``; keys whose row of ``X`` sums to 0 (padding) and future keys
+       get ``-2^32 + 1``; ``softmax``; then *query masking*: rows whose ``Q`` sums to 0 are zeroed
+       (``LN1`` of a padding row is ``LN1``'s bias, so this masks padding queries only while that bias
+       sums to 0: a faithful quirk; padding rows are discarded anyway); attention dropout;
+       ``A = softmax(S) (X W_v) + Q`` (the residual is the *normalised* query).
+    3. ``R = LN2(A)``; ``F = LN_ffn(Dropout(W_2 ReLU(W_1 R)) + R)`` with ``W_1, W_2`` of size d x d.
+    4. ``H = LN3(F * m)``; the caller pools ``H[:, L - 1]``.
+
+    There is one layer, so the pooled row depends on the other rows only through the keys and values:
+    ``last_only=True`` (the default) computes the attention, FFN and norms for the last query row
+    alone (exact; the test compares it with the full computation).
+
+    Args:
+        hidden_size: d.
+        max_len: rows of the position table (the longest history).
+        dropout: embedding, attention and FFN dropout.
+    """
+
+    def __init__(self, hidden_size: int, max_len: int, dropout: float) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.position_embedding = nn.Embedding(max_len, hidden_size)  # N(0, 1), the torch default
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.query_norm = nn.LayerNorm(hidden_size)  # LN1
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.ffn_input_norm = nn.LayerNorm(hidden_size)  # LN2
+        self.ffn_in = nn.Linear(hidden_size, hidden_size)  # the reference's 1x1 convolutions
+        self.ffn_out = nn.Linear(hidden_size, hidden_size)
+        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_norm = nn.LayerNorm(hidden_size)  # the FFN's own post-residual LayerNorm
+        self.output_norm = nn.LayerNorm(hidden_size)  # LN3
+
+    def forward(self, items: Tensor, valid: Tensor, last_only: bool = True) -> Tensor:
+        """Hidden states of the last position ``(B, 1, d)`` (``last_only``) or of all ``(B, L, d)``.
+
+        Args:
+            items: item embeddings ``E[S]`` ``(B, L, d)``, left-padded histories.
+            valid: BoolTensor ``(B, L)``, True at real items.
+            last_only: compute only the row that is pooled (position ``L - 1``).
+        """
+        length = items.shape[1]
+        if length > self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"history length {length} exceeds the encoder's max_len {self.position_embedding.num_embeddings}"
+            )
+        keep = valid.unsqueeze(-1).to(items.dtype)  # (B, L, 1)
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L): 0 = oldest real item
+        x = self.embedding_dropout(items + self.position_embedding(positions)) * keep  # (B, L, d)
+        q = self.query_norm(x)  # (B, L, d): LN1
+        if last_only:
+            q = q[:, -1:]  # (B, 1, d)
+        scores = self.query(q) @ self.key(x).transpose(1, 2) / math.sqrt(self.hidden_size)  # (B, Lq, L)
+        fill = max(REFERENCE_MASK_FILL, torch.finfo(scores.dtype).min)
+        key_padding = (x.sum(dim=-1) == 0).unsqueeze(1)  # (B, 1, L): the reference's "row sum is 0"
+        scores = scores.masked_fill(key_padding, fill)
+        if not last_only:  # the last query may see every key; earlier ones only the past
+            future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(diagonal=1)
+            scores = scores.masked_fill(future, fill)
+        weights = torch.softmax(scores, dim=-1)  # (B, Lq, L)
+        weights = weights * (q.sum(dim=-1, keepdim=True) != 0).to(weights.dtype)  # query masking
+        attended = self.attention_dropout(weights) @ self.value(x) + q  # (B, Lq, d): residual on LN1(x)
+        r = self.ffn_input_norm(attended)  # LN2
+        f = self.ffn_norm(self.ffn_dropout(self.ffn_out(F.relu(self.ffn_in(r)))) + r)  # (B, Lq, d)
+        return self.output_norm(f * keep[:, -q.shape[1] :])  # (B, Lq, d): LN3
+
+
+@dataclass(frozen=True)
+class _SamplingTables:
+    """What one evaluation reuses across batches; rebuilt whenever the weights may have changed."""
+
+    device: torch.device
+    time_table: Tensor  # (T, d): temb_i for every step
+    # mlp1 only: x0_hat = x @ weight_x + step_bias[i] + (guided condition) @ weight_h
+    weight_x: Tensor | None  # (d, d), transposed for x @ W
+    weight_h: Tensor | None  # (d, d)
+    step_bias: Tensor | None  # (T, d): W_t temb_i + b
+
+
+class DreamRec(SeqRecModel):
+    """DreamRec with the faithful encoder, x0-predicting denoiser, CFG and retrieval (module docstring).
+
+    Args:
+        num_items: N (linked from the data).
+        max_len: history length L (linked from the data); sizes the position table.
+        hidden_size: d (even, >= 4: the sinusoidal time embedding needs it).
+        timesteps: T, the number of diffusion steps.
+        beta_schedule: ``linear``, ``cosine``, ``exp`` or ``sqrt`` (MODELS.md §5.4).
+        beta_start: first beta of the linear schedule.
+        beta_end: last beta of the linear schedule.
+        guidance_weight: w in ``(1 + w) f(x, h) - w f(x, ∅)``.
+        uncond_prob: p, the CFG dropout rate: probability that a training row's ``h`` becomes ``∅``.
+        dropout: encoder dropout (embedding, attention, FFN).
+        stop_target_gradient: diffuse ``sg(E[target])`` (default) instead of the trainable
+            ``E[target]`` of the reference (False), see the module docstring.
+        denoiser: ``mlp1`` (one linear layer, every README command) or ``mlp2``.
+        encoder: ``faithful`` (the reference's T-enc, §5.2); the only option so far.
+        sampler: ``ddpm`` (exact, all T steps) or ``ddim`` (strided, approximate).
+        ddim_steps: S, the DDIM steps (``sampler="ddim"`` only).
+        ddim_eta: DDIM's eta (0 deterministic given the start; 1 with S = T equals DDPM).
+        eval_seed: seed of the evaluation noise (keyed by history, see the module docstring).
+        item_scope: ``trained`` (retrieve only items that occur in the training split) or ``all``
+            (the reference: every item but PAD).
+        retrieval_backend: :class:`~recbench.retrieval.ItemIndex` backend (``auto``: faiss when
+            installed).
+        lr, weight_decay, ks, exclude_history: see :class:`~recbench.model.SeqRecModel`. The
+            reference uses Adam/AdamW with eps 1e-8 and weight decay 0 (identical optimisers then).
+    """
+
+    training_view = "pairs"
+
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int = 50,
+        hidden_size: int = 64,
+        timesteps: int = 200,
+        beta_schedule: ScheduleName = "exp",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        guidance_weight: float = 2.0,
+        uncond_prob: float = 0.1,
+        dropout: float = 0.1,
+        stop_target_gradient: bool = True,
+        denoiser: DenoiserKind = "mlp1",
+        encoder: EncoderKind = "faithful",
+        sampler: SamplerKind = "ddpm",
+        ddim_steps: int = 50,
+        ddim_eta: float = 0.0,
+        eval_seed: int = 0,
+        item_scope: ItemScope = "trained",
+        retrieval_backend: Backend = "auto",
+        lr: float = 5e-3,
+        weight_decay: float = 0.0,
+        ks: Sequence[int] = DEFAULT_KS,
+        exclude_history: bool = False,
+    ) -> None:
+        super().__init__(num_items, max_len, lr, weight_decay, ks, exclude_history)
+        self.save_hyperparameters()
+        if hidden_size % 2 or hidden_size < 4:
+            raise ValueError(f"hidden_size must be even and >= 4, got {hidden_size}")
+        if not 0.0 <= uncond_prob < 1.0:
+            raise ValueError(f"uncond_prob must be in [0, 1), got {uncond_prob}")
+        if denoiser not in ("mlp1", "mlp2"):
+            raise ValueError(f"denoiser must be mlp1 or mlp2, got {denoiser!r}")
+        if encoder != "faithful":
+            raise ValueError(f"encoder must be 'faithful', got {encoder!r}")
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be ddpm or ddim, got {sampler!r}")
+        if sampler == "ddim" and not 1 <= ddim_steps <= timesteps:
+            raise ValueError(f"ddim_steps must be in [1, timesteps={timesteps}], got {ddim_steps}")
+        if item_scope not in ("trained", "all"):
+            raise ValueError(f"item_scope must be trained or all, got {item_scope!r}")
+        self.hidden_size = hidden_size
+        self.guidance_weight = guidance_weight
+        self.uncond_prob = uncond_prob
+        self.stop_target_gradient = stop_target_gradient
+        self.denoiser_kind: DenoiserKind = denoiser
+        self.sampler: SamplerKind = sampler
+        self.ddim_steps = ddim_steps
+        self.ddim_eta = ddim_eta
+        self.eval_seed = eval_seed
+        self.item_scope: ItemScope = item_scope
+        self.retrieval_backend: Backend = retrieval_backend
+
+        d = hidden_size
+        # One table: encoder input, diffusion target and retrieval keys (§5.5).
+        self.item_embedding = nn.Embedding(num_items + 1, d)
+        nn.init.normal_(self.item_embedding.weight, 0.0, 1.0)
+        self.null_condition = nn.Parameter(torch.randn(d))  # ∅, learned
+        self.encoder = FaithfulTEnc(d, max_len, dropout)
+        self.time_mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        if denoiser == "mlp1":
+            self.denoiser: nn.Module = nn.Linear(3 * d, d)
+        else:
+            self.denoiser = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.diffusion = GaussianDiffusion.from_schedule(beta_schedule, timesteps, beta_start, beta_end)
+        # Items that occur in the training split, from the datamodule in setup(); a persistent
+        # buffer so that a checkpoint evaluates the same way without its datamodule. All False =
+        # not known yet.
+        self.register_buffer("train_items", torch.zeros(num_items + 1, dtype=torch.bool))
+        self._tables: _SamplingTables | None = None
+        self._index: ItemIndex | None = None
+
+    # ------------------------------------------------------------------ networks
+    def condition(self, history: Tensor) -> Tensor:
+        """The history encoding ``h`` ``(B, d)`` pooled at the last position (no CFG dropout)."""
+        valid = history != PAD_ID  # (B, L)
+        items = self.item_embedding(history)  # (B, L, d)
+        return self.encoder(items, valid, last_only=True)[:, -1]  # (B, d): left padding, newest last
+
+    def cfg_dropout(self, h: Tensor) -> Tensor:
+        """Training only: each row of ``h`` ``(B, d)`` becomes ``∅`` with probability ``p``; eval: ``h``.
+
+        Draws from the global RNG (seeded by Lightning), one uniform per row as the reference does.
+        """
+        if not self.training or self.uncond_prob == 0.0:
+            return h
+        drop = torch.rand(h.shape[0], device=h.device) < self.uncond_prob  # (B,)
+        return torch.where(drop.unsqueeze(1), self.null_condition.to(h.dtype).expand_as(h), h)
+
+    def time_embedding(self, t: Tensor) -> Tensor:
+        """``temb = MLP(sinusoid(t))`` ``(B, d)`` for integer steps ``t`` ``(B,)``."""
+        return self.time_mlp(sinusoidal_time_embedding(t, self.hidden_size).to(self.null_condition.dtype))
+
+    def denoise(self, x_t: Tensor, cond: Tensor, temb: Tensor) -> Tensor:
+        """``x̂0 = f([x_t; c; temb])`` ``(B, d)`` from ``x_t``, a condition and a time embedding, each (B, d)."""
+        return self.denoiser(torch.cat([x_t, cond, temb], dim=-1))
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: Batch) -> Tensor:
+        """x0-prediction MSE (MODELS.md §5.5) on (history, target) pairs."""
+        self.clear_sampling_cache()  # the weights are about to change
+        x0 = self.item_embedding(batch[TARGET])  # (B, d)
+        if self.stop_target_gradient:  # the reference lets the loss shrink its own targets (§9.8)
+            x0 = x0.detach()
+        h = self.cfg_dropout(self.condition(batch[HISTORY]))  # (B, d)
+
+        def denoiser(x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+            return self.denoise(x_t, cond, self.time_embedding(t))
+
+        return self.diffusion.training_loss(denoiser, x0, h)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        # The table is a diffusion target (without stop-gradient in the reference, §9.8): watch its scale.
+        with torch.no_grad():
+            norms = self.item_embedding.weight.norm(dim=1)  # (N + 1,)
+            trained = self.train_items.clone()
+            trained[PAD_ID] = False
+            if bool(trained.any()):
+                self.log("train/item_norm_trained", norms[trained].mean())
+            untrained = ~trained
+            untrained[PAD_ID] = False
+            if bool(untrained.any()):
+                self.log("train/item_norm_untrained", norms[untrained].mean())
+
+    # ------------------------------------------------------------------ item scope and caches
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, SeqRecDataModule):
+            self.set_train_items(datamodule.train_item_mask())
+
+    def set_train_items(self, mask: Tensor) -> None:
+        """Set the items of the training split (BoolTensor ``(N + 1,)``), used by ``item_scope="trained"``."""
+        if mask.shape != self.train_items.shape or mask.dtype != torch.bool:
+            raise ValueError(
+                f"train item mask must be a bool tensor of shape {tuple(self.train_items.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        with torch.no_grad():
+            self.train_items.copy_(mask)
+            self.train_items[PAD_ID] = False
+        self.clear_sampling_cache()
+
+    def retrievable_items(self) -> Tensor:
+        """BoolTensor ``(N + 1,)`` of items that ``recommend`` may return (PAD never)."""
+        if self.item_scope == "all":
+            allowed = torch.ones_like(self.train_items)
+        else:
+            if not bool(self.train_items.any()):
+                raise RuntimeError(
+                    "item_scope='trained' needs the training items: fit/test through a SeqRecDataModule, "
+                    "load a checkpoint that has them, or call set_train_items(mask)"
+                )
+            allowed = self.train_items.clone()
+        allowed[PAD_ID] = False
+        return allowed
+
+    def clear_sampling_cache(self) -> None:
+        """Drop the per-evaluation tables and index; call after changing weights by hand.
+
+        Training steps, the start of every validation/test/predict epoch and checkpoint loading
+        call it, so Lightning runs never see stale tables.
+        """
+        self._tables = None
+        self._index = None
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self.clear_sampling_cache()
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self.clear_sampling_cache()
+
+    def on_predict_epoch_start(self) -> None:
+        super().on_predict_epoch_start()
+        self.clear_sampling_cache()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.clear_sampling_cache()
+
+    @torch.no_grad()
+    def _sampling_tables(self) -> _SamplingTables:
+        """Time table and mlp1 split weights, built once per evaluation (exact speed-ups 2-3)."""
+        device = self.item_embedding.weight.device
+        if self._tables is not None and self._tables.device == device:
+            return self._tables
+        T, d = self.diffusion.num_timesteps, self.hidden_size
+        time_table = precompute_time_table(self.time_mlp, T, d, device).float()  # (T, d)
+        weight_x = weight_h = step_bias = None
+        if self.denoiser_kind == "mlp1":
+            assert isinstance(self.denoiser, nn.Linear)
+            w = self.denoiser.weight.float()  # (d, 3d): [W_x | W_h | W_t], the order of the concat
+            weight_x, weight_h = w[:, :d].T.contiguous(), w[:, d : 2 * d].T.contiguous()  # (d, d) each
+            step_bias = time_table @ w[:, 2 * d :].T + self.denoiser.bias.float()  # (T, d)
+        self._tables = _SamplingTables(device, time_table, weight_x, weight_h, step_bias)
+        return self._tables
+
+    @torch.no_grad()
+    def item_index(self) -> ItemIndex:
+        """The nearest-item index over ``E`` restricted to :meth:`retrievable_items`, built once per evaluation."""
+        table = self.item_embedding.weight
+        if self._index is None or self._index.table.device != table.device:
+            self._index = ItemIndex(
+                table.float(), allowed=self.retrievable_items(), backend=self.retrieval_backend
+            )
+        return self._index
+
+    # ------------------------------------------------------------------ sampling
+    def _guided_x0(self, h: Tensor, path: SamplingPath) -> Callable[[Tensor, Tensor], Tensor]:
+        """The CFG x0-predictor ``(x (B, d), t (B,)) -> (1 + w) f(x, h, t) - w f(x, ∅, t)``."""
+        w = self.guidance_weight
+        null = self.null_condition.float()  # (d,)
+        if path == "naive":  # the reference: two calls per step, the time MLP at every step
+
+            def denoise_on_the_fly(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+                return self.denoise(x, cond, self.time_embedding(t))
+
+            return classifier_free_x0(denoise_on_the_fly, h, null, w, batched=False)
+        tables = self._sampling_tables()
+        if self.denoiser_kind == "mlp2":  # fused = both branches as one 2B batch, time table lookup
+
+            def denoise_from_table(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+                return self.denoise(x, cond, tables.time_table[t])
+
+            return classifier_free_x0(denoise_from_table, h, null, w, batched=True)
+        # mlp1 is affine: CFG collapses to one matmul per step with a guided condition term.
+        assert tables.weight_x is not None and tables.weight_h is not None and tables.step_bias is not None
+        weight_x, step_bias = tables.weight_x, tables.step_bias
+        condition_term = ((1 + w) * h - w * null) @ tables.weight_h  # (B, d), once per batch
+
+        def guided_x0(x: Tensor, t: Tensor) -> Tensor:
+            # t is one step for the whole batch; t[:1] indexes without a host sync on a GPU.
+            return torch.addmm(condition_term + step_bias[t[:1]], x, weight_x)  # (B, d)
+
+        return guided_x0
+
+    @torch.no_grad()
+    def generate(
+        self,
+        history: Tensor,
+        *,
+        path: SamplingPath = "fused",
+        sampler: SamplerKind | None = None,
+        ddim_steps: int | None = None,
+        ddim_eta: float | None = None,
+    ) -> Tensor:
+        """Generate the oracle item embedding ``x0`` ``(B, d)`` for each history ``(B, L)``.
+
+        Float32 whatever the autocast context (500 chained steps in bf16 would drift).
+
+        Args:
+            history: left-padded histories.
+            path: ``fused`` (exact speed-ups) or ``naive`` (the reference's per-step loop, for
+                benchmarks and tests); both give the same samples up to float rounding.
+            sampler, ddim_steps, ddim_eta: override the model's settings for this call.
+        """
+        sampler = sampler or self.sampler
+        steps = ddim_steps if ddim_steps is not None else self.ddim_steps
+        eta = ddim_eta if ddim_eta is not None else self.ddim_eta
+        device = history.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            h = self.condition(history).float()  # (B, d): no CFG dropout at evaluation
+            guided = self._guided_x0(h, path)
+            noise = KeyedNoise(sequence_keys(history, PAD_ID), self.eval_seed)
+            shape = (history.shape[0], self.hidden_size)
+            if sampler == "ddpm":
+                return ddpm_sample(self.diffusion, guided, shape, noise, device=device, dtype=torch.float32)
+            return ddim_sample(
+                self.diffusion, guided, shape, noise, steps, eta, device=device, dtype=torch.float32
+            )
+
+    @torch.no_grad()
+    def recommend(self, history: Tensor, k: int) -> Tensor:
+        x0 = self.generate(history)  # (B, d)
+        _, items = self.item_index().search(x0, k)  # (B, k); PAD never, 0 = no item left
+        return items
+
+    # ------------------------------------------------------------------ descriptions for result rows
+    @property
+    def sampling_is_exact(self) -> bool:
+        """True for DDPM over all T steps (and DDIM that reduces to it: S = T, eta = 1)."""
+        T = self.diffusion.num_timesteps
+        return self.sampler == "ddpm" or (self.ddim_steps == T and self.ddim_eta == 1.0)
+
+    def sampler_description(self) -> str:
+        """One line for result rows: the sampler, whether it is exact, guidance and the noise seed."""
+        T = self.diffusion.num_timesteps
+        common = f"w={self.guidance_weight:g}, noise keyed by history with eval_seed={self.eval_seed}"
+        if self.sampler == "ddpm":
+            return f"ddpm exact: all T={T} steps, {common}"
+        label = "exact (equals DDPM)" if self.sampling_is_exact else "APPROXIMATE"
+        return f"ddim {label}: {self.ddim_steps} of T={T} steps, eta={self.ddim_eta:g}, {common}"
+
+    def retrieval_description(self) -> str:
+        """One line for result rows: the index backend and the item scope."""
+        allowed = int(self.retrievable_items().sum())
+        backend = self.item_index().describe()
+        return f"{backend}, item_scope={self.item_scope} ({allowed} of {self.num_items} items)"
+
+    def run_notes(self) -> dict[str, object]:
+        """Recorded in every result row: sampler (exact or approximate), noise seed, retrieval."""
+        return {
+            "sampler": self.sampler_description(),
+            "sampling_exact": self.sampling_is_exact,
+            "eval_seed": self.eval_seed,
+            "retrieval": self.retrieval_description(),
+        }
