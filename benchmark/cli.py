@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from collections.abc import Sequence
 from lightning.pytorch.cli import LightningCLI
 
@@ -48,8 +49,17 @@ class RecBenchCLI(LightningCLI):
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "")
-        if best and self.trainer.is_global_zero:
-            print(f"best checkpoint ({checkpoint.monitor}={float(checkpoint.best_model_score):.5f}): {best}")
+        if best:
+            if self.trainer.is_global_zero:
+                print(f"best checkpoint ({checkpoint.monitor}={float(checkpoint.best_model_score):.5f}): {best}")
+            return
+        # Lightning checkpoints only after optimiser steps; a counting model (popularity) never
+        # steps, so save its fitted state explicitly for `recbench test`.
+        directory = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else Path(self.trainer.log_dir or ".")
+        final = directory / "final.ckpt"
+        self.trainer.save_checkpoint(final)
+        if self.trainer.is_global_zero:
+            print(f"no optimiser step was taken; fitted state saved to {final}")
 
 
 def lightning_main(argv: Sequence[str]) -> None:
