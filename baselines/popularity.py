@@ -36,7 +36,13 @@ class Popularity(SeqRecModel):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.register_buffer("counts", torch.zeros(num_items + 1, dtype=torch.long))
+        # DistributedDataParallel refuses a module without trainable parameters; this unused scalar
+        # lets popularity run under --trainer.strategy ddp like every other model.
+        self.ddp_anchor = torch.nn.Parameter(torch.zeros(()))
         self._local_counts = torch.zeros(num_items + 1, dtype=torch.long)
+
+    def configure_optimizers(self) -> None:
+        return None
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         self._local_counts = self._local_counts.to(self.device)
