@@ -6,7 +6,11 @@ never owns a network: it receives a callable and only calls it. This module has 
 * **Gaussian diffusion** (DreamRec, MODELS.md §5.3-5.6): beta schedules, the forward process
   ``q(x_i | x_0)``, the x0-prediction training loss, DDPM ancestral sampling, strided DDIM, and
   classifier-free guidance (CFG) helpers.
-* Masked discrete diffusion (DiffGRM): appended below in its own section by a later change.
+* **Masked discrete diffusion** (DiffGRM, MODELS.md §6.4): a target of ``n`` discrete positions
+  (semantic-ID digits) is noised by masking positions; helpers build the masked *views* a
+  denoiser trains on (nested views from a confidence or random order, Bernoulli views), score
+  positions by confidence, and compute the masked-position loss. The DiffGRM network and its
+  confidence-guided beam live in ``baselines/diffgrm.py``.
 
 Conventions
 -----------
@@ -746,3 +750,137 @@ def precompute_time_table(mlp: nn.Module, timesteps: int, dim: int, device: torc
     if param is not None:
         emb = emb.to(param.dtype)
     return mlp(emb)  # (T, d_out)
+
+
+# =================================================================================================
+# Masked discrete diffusion
+# =================================================================================================
+#
+# State: ``codes`` (..., n) LongTensor with one code per position, ``MASKED`` (-1) where masked.
+# A *view* is one masked copy of the clean target. Masks are boolean with True = masked. All
+# helpers are batched (no Python loop over rows) and take an explicit ``torch.Generator`` where
+# they draw randomness, so nothing depends on a hidden global RNG.
+
+MASKED = -1
+"""Code of a masked position (the same value as ``recbench.semantic_ids.PAD_CODE``)."""
+
+ConfidenceMetric = Literal["msp", "entropy"]
+
+
+def position_confidence(logits: Tensor, metric: ConfidenceMetric = "msp") -> Tensor:
+    """Confidence of each position's predictive distribution.
+
+    Args:
+        logits: (..., n, K) unnormalised scores per position.
+        metric: ``msp`` = maximum softmax probability; ``entropy`` = minus the entropy (in nats),
+            so larger is more confident for both.
+
+    Returns:
+        (..., n) float32.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    if metric == "msp":
+        return log_p.max(dim=-1).values.exp()
+    if metric == "entropy":
+        return (log_p.exp() * log_p).sum(dim=-1)  # = -H
+    raise ValueError(f"unknown confidence metric {metric!r}; expected 'msp' or 'entropy'")
+
+
+def confidence_order(confidence: Tensor, select: Literal["least", "most"] = "least") -> Tensor:
+    """Positions sorted by confidence: ``least`` = ascending (the least confident first), ``most`` =
+    descending. Ties keep position order (stable sort), so the result is deterministic.
+
+    Args:
+        confidence: (B, n).
+
+    Returns:
+        (B, n) LongTensor, a permutation of ``0..n-1`` per row.
+    """
+    if select not in ("least", "most"):
+        raise ValueError(f"select must be 'least' or 'most', got {select!r}")
+    return torch.sort(confidence, dim=-1, descending=select == "most", stable=True).indices
+
+
+def random_order(batch: int, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """(B, n) one uniformly random permutation of ``0..n-1`` per row (drawn on the generator's
+    device, then moved to ``device``)."""
+    where = generator.device if generator is not None else "cpu"
+    noise = torch.rand(batch, n, generator=generator, device=where)
+    return noise.argsort(dim=-1).to(device)
+
+
+def nested_mask_views(order: Tensor, num_views: int | None = None) -> Tensor:
+    """Nested masks along an order: view ``t`` (``t = 1 .. V``) masks the first ``t`` positions of
+    ``order`` and reveals the rest, so each view masks a superset of the previous one and view
+    ``n`` masks everything; no view is fully revealed.
+
+    With ``order`` = ascending confidence this is DiffGRM's on-policy coherent noising (the states
+    along the model's own most-confident-first denoising path); with a random order it is the
+    ``sequential`` strategy.
+
+    Args:
+        order: (B, n) permutation per row.
+        num_views: V in 1..n (default n): views mask 1..V positions.
+
+    Returns:
+        (B, V, n) bool, True = masked.
+    """
+    batch, n = order.shape
+    views = n if num_views is None else num_views
+    if not 1 <= views <= n:
+        raise ValueError(f"num_views must be in [1, {n}], got {views}")
+    # rank[b, p] = place of position p in the order (inverse permutation).
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(batch, n))
+    t = torch.arange(1, views + 1, device=order.device)  # (V,)
+    return rank.unsqueeze(1) < t.view(1, views, 1)  # (B, V, n)
+
+
+def random_mask_views(
+    batch: int,
+    n: int,
+    num_views: int,
+    mask_prob: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Independent Bernoulli(``mask_prob``) masks per position, ``num_views`` per row; a view that
+    would mask nothing gets one uniformly chosen position masked (a fully revealed view carries no
+    loss). DiffGRM's ``random`` ablation.
+
+    Returns:
+        (B, V, n) bool, True = masked.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    where = generator.device if generator is not None else "cpu"
+    mask = torch.rand(batch, num_views, n, generator=generator, device=where) < mask_prob
+    forced = torch.randint(0, n, (batch, num_views), generator=generator, device=where)
+    empty = ~mask.any(dim=-1)  # (B, V)
+    mask |= empty.unsqueeze(-1) & F.one_hot(forced, n).bool()
+    return mask.to(device)
+
+
+def apply_mask(codes: Tensor, mask: Tensor) -> Tensor:
+    """Views of the clean codes: (B, n) codes and (B, V, n) mask -> (B, V, n) codes with
+    ``MASKED`` where masked."""
+    return torch.where(mask, torch.full_like(mask, MASKED, dtype=codes.dtype), codes.unsqueeze(1))
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy over masked positions only: the sum over every masked position of every
+    view divided by the number of masked positions (DiffGRM's normalisation, so views that mask
+    more positions weigh more in total).
+
+    Args:
+        logits: (..., n, K).
+        targets: (..., n) codes in 0..K-1 (any value where not masked).
+        mask: (..., n) bool, True = masked (= scored).
+        label_smoothing: epsilon of the smoothed target (``torch.nn.functional.cross_entropy``).
+
+    Returns:
+        Scalar float32 (0 when nothing is masked).
+    """
+    chosen = logits[mask].float()  # (M, K): only masked positions reach the softmax
+    if chosen.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(chosen, targets[mask], label_smoothing=label_smoothing, reduction="mean")

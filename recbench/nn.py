@@ -27,28 +27,44 @@ def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+    """Multi-head attention; ``head_dim`` defaults to ``d_model // num_heads``.
+
+    ``head_dim`` may be set independently of ``d_model`` (T5-style, e.g. TIGER's d 128 with 6 heads
+    of 64): the projections then map ``d_model -> num_heads * head_dim -> d_model``. Left at
+    ``None`` the module is exactly the classic one (same parameter names and shapes).
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True, head_dim: int | None = None
+    ) -> None:
         super().__init__()
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-        self.num_heads, self.dropout = num_heads, dropout
-        self.query = nn.Linear(d_model, d_model, bias=bias)
-        self.key_value = nn.Linear(d_model, 2 * d_model, bias=bias)
-        self.out = nn.Linear(d_model, d_model)
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+            head_dim = d_model // num_heads
+        inner = num_heads * head_dim
+        self.num_heads, self.head_dim, self.dropout = num_heads, head_dim, dropout
+        self.query = nn.Linear(d_model, inner, bias=bias)
+        self.key_value = nn.Linear(d_model, 2 * inner, bias=bias)
+        self.out = nn.Linear(inner, d_model)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, length, width = x.shape
+        batch, length, _ = x.shape
         heads = self.num_heads
         q = self.query(x).view(batch, length, heads, -1).transpose(1, 2)  # (B, H, Lq, Dh)
         k, v = self.key_value(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, Lq, Dh)
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+        return self.out(y.transpose(1, 2).reshape(batch, length, heads * self.head_dim))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: ``x + Attn(LN(x))`` [+ ``x + CrossAttn(LN(x), memory)``] + ``x + FFN(LN(x))``."""
+    """Pre-LN block: ``x + Attn(LN(x))`` [+ ``x + CrossAttn(LN(x), memory)``] + ``x + FFN(LN(x))``.
+
+    ``head_dim`` (default ``d_model // num_heads``) is passed to both attentions; see
+    :class:`MultiHeadAttention`.
+    """
 
     def __init__(
         self,
@@ -59,12 +75,15 @@ class TransformerBlock(nn.Module):
         activation: Literal["relu", "gelu"] = "gelu",
         norm_eps: float = 1e-5,
         cross_attention: bool = False,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.self_norm = nn.LayerNorm(d_model, eps=norm_eps)
-        self.self_attention = MultiHeadAttention(d_model, num_heads, dropout)
+        self.self_attention = MultiHeadAttention(d_model, num_heads, dropout, head_dim=head_dim)
         self.cross_norm = nn.LayerNorm(d_model, eps=norm_eps) if cross_attention else None
-        self.cross_attention = MultiHeadAttention(d_model, num_heads, dropout) if cross_attention else None
+        self.cross_attention = (
+            MultiHeadAttention(d_model, num_heads, dropout, head_dim=head_dim) if cross_attention else None
+        )
         self.ffn_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, ffn_dim),

@@ -1,0 +1,386 @@
+"""DiffGRM (baselines/diffgrm.py) and the masked-diffusion helpers (recbench/diffusion.py). CPU, fast.
+
+Most tests install hand-made semantic IDs (``set_semantic_ids``) so that no embedding or PQ fit
+runs; the learning test fits real PSE codes on collaborative embeddings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import fit_and_test, quiet_trainer
+
+from baselines.diffgrm import BeamResult, DiffGRM, beams_to_items, cpd_beam_search, warmup_cosine_factor
+from benchmark.registry import instantiate_model
+from datamodules.synthetic import SyntheticDataModule
+from recbench.diffusion import (
+    MASKED,
+    apply_mask,
+    confidence_order,
+    masked_cross_entropy,
+    nested_mask_views,
+    position_confidence,
+    random_mask_views,
+    random_order,
+)
+from recbench.metrics import RankingMetrics
+from recbench.semantic_ids import SemanticIDs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """DiffGRM's ops are small (B x n-token decoder passes): on a shared 2-core machine, two OpenMP
+    threads spin-wait against other processes and a fit ran 12x slower (260 s vs 22 s) than on one
+    thread. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_model(num_items: int, n_digits: int = 3, codebook_size: int = 4, max_len: int = 8, **kwargs) -> DiffGRM:
+    options = dict(hidden_size=16, encoder_layers=1, decoder_layers=1, num_heads=2, inner_size=32, dropout=0.0)
+    options.update(kwargs)
+    return DiffGRM(num_items, max_len=max_len, n_digits=n_digits, codebook_size=codebook_size, **options)
+
+
+def _hand_made_sids(n_digits: int = 3, codebook_size: int = 4, num_items: int = 30, seed: int = 0) -> SemanticIDs:
+    """Random codes for ``num_items`` items, with items 2 and 5 sharing an ID (a collision)."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, codebook_size, (num_items + 1, n_digits), generator=generator)
+    codes[5] = codes[2]
+    return SemanticIDs(codes, (codebook_size,) * n_digits, "hand-made")
+
+
+# ------------------------------------------------------------------------------------------------
+# masked-diffusion helpers: view construction
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nested_views_from_a_hand_made_confidence_vector() -> None:
+    confidence = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    order = confidence_order(confidence, "least")
+    assert order.tolist() == [[1, 3, 2, 0]]
+    views = nested_mask_views(order)  # (1, 4, 4), True = masked
+    expected = [
+        [False, True, False, False],  # the least confident digit (1)
+        [False, True, False, True],  # + digit 3
+        [False, True, True, True],  # + digit 2
+        [True, True, True, True],  # everything
+    ]
+    assert views[0].tolist() == expected
+    assert confidence_order(confidence, "most").tolist() == [[0, 2, 3, 1]]
+    assert nested_mask_views(order, num_views=2)[0].tolist() == expected[:2]
+    codes = torch.tensor([[7, 8, 9, 6]])
+    assert apply_mask(codes, views)[0, 1].tolist() == [7, MASKED, 9, MASKED]
+
+
+def test_position_confidence_msp_and_entropy() -> None:
+    logits = torch.tensor([[[4.0, 0.0, 0.0], [1.0, 1.0, 1.0]]])  # digit 0 peaked, digit 1 uniform
+    msp = position_confidence(logits, "msp")
+    assert torch.allclose(msp, torch.tensor([[math.exp(4) / (math.exp(4) + 2), 1 / 3]]))
+    entropy = position_confidence(logits, "entropy")
+    assert entropy[0, 0] > entropy[0, 1] and torch.isclose(entropy[0, 1], torch.tensor(-math.log(3)))
+
+
+def test_guided_training_views_follow_the_decoder_confidence(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_model(30, n_digits=4, codebook_size=4)
+    model.set_semantic_ids(_hand_made_sids(4, 4))
+    # Stub decoder: digit confidences 0.9, 0.1, 0.5, 0.3 (as MSP) whatever the input.
+    probs = torch.tensor([0.9, 0.1, 0.5, 0.3])
+    rest = (1 - probs) / 3
+    table = torch.stack([torch.stack([p, r, r, r]) for p, r in zip(probs, rest, strict=True)]).log()  # (4, 4)
+    seen_modes = []
+
+    def stub(memory, codes):
+        seen_modes.append(model.decoder.training)
+        return table.expand(codes.shape[0], codes.shape[1], 4, 4)
+
+    memory = model.encode(torch.tensor([[1, 2], [3, 4]]))
+    monkeypatch.setattr(model, "decoder_logits", stub)
+    model.train()
+    masks = model.training_masks(memory, batch_size=2)
+    assert seen_modes == [False] and model.decoder.training, "scoring runs in eval mode, then restores train mode"
+    assert masks[1].tolist() == masks[0].tolist() == nested_mask_views(torch.tensor([[1, 3, 2, 0]]))[0].tolist()
+
+
+def test_sequential_and_random_views() -> None:
+    generator = torch.Generator().manual_seed(0)
+    order = random_order(64, 4, generator)
+    assert bool((order.sort(dim=1).values == torch.arange(4)).all())
+    views = nested_mask_views(order)
+    assert views.sum(-1).tolist() == [[1, 2, 3, 4]] * 64
+    assert bool((views[:, :-1] <= views[:, 1:]).all()), "views are nested"
+    random_views = random_mask_views(256, 4, 3, mask_prob=0.1, generator=generator)
+    assert random_views.shape == (256, 3, 4) and bool(random_views.any(-1).all()), "every view masks a digit"
+
+
+def test_masked_cross_entropy_counts_masked_positions_only() -> None:
+    logits = torch.randn(2, 3, 4, 5)
+    targets = torch.randint(0, 5, (2, 3, 4))
+    mask = torch.rand(2, 3, 4) < 0.5
+    mask[0, 0, 0] = True
+    loss = masked_cross_entropy(logits, targets, mask, label_smoothing=0.2)
+    log_p = logits.log_softmax(-1)
+    per_position = -(0.8 * log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1) + 0.2 * log_p.mean(-1))
+    assert torch.isclose(loss, per_position[mask].sum() / mask.sum(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPD beam
+# ------------------------------------------------------------------------------------------------
+
+
+def _factorised_stub(log_p: torch.Tensor):
+    """A decoder whose per-digit log-probs (B, n, K) ignore the revealed digits: then a path score is
+    the joint log-probability whatever the fill order, so a full-width beam can be checked by brute
+    force."""
+
+    def log_probs_fn(codes: torch.Tensor) -> torch.Tensor:
+        return log_p.unsqueeze(1).expand(-1, codes.shape[1], -1, -1)
+
+    return log_probs_fn
+
+
+def _brute_force_items(sids: SemanticIDs, log_p: torch.Tensor, reachable, k: int) -> list[list[int]]:
+    """Items ranked by joint score over every valid reachable ID, collisions expanded ascending."""
+    n, size = log_p.shape[1], log_p.shape[2]
+    out = []
+    for row in range(log_p.shape[0]):
+        scored = []
+        for combo in itertools.product(range(size), repeat=n):
+            if not reachable(row, combo):
+                continue
+            key = sids.pack(torch.tensor(combo))
+            look = sids.items_for_keys(key.view(1))
+            if bool(look.valid[0]):
+                score = float(sum(log_p[row, d, c] for d, c in enumerate(combo)))
+                items = sorted(int(i) for i in torch.nonzero(sids.keys == key).flatten())
+                scored.append((score, items))
+        scored.sort(key=lambda pair: -pair[0])
+        ranked = [item for _, items in scored for item in items][:k]
+        out.append(ranked + [0] * (k - len(ranked)))
+    return out
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_full_width_beam_matches_brute_force(merge: bool) -> None:
+    n, size, users = 3, 4, 5
+    sids = _hand_made_sids(n, size, num_items=30)
+    log_p = torch.randn(users, n, size).log_softmax(-1)
+    # Step 0 keeps all n*K = 12 (digit, code) pairs, step 1 all 12*2*4 = 96 states: nothing is pruned,
+    # so the beam ends with every ID that has at least one digit at its argmax (the last digit is
+    # argmax-filled) and the path score is the joint log-probability.
+    beams = cpd_beam_search(_factorised_stub(log_p), users, n, size, beam=96, merge_duplicate_beams=merge)
+    assert beams.codes.shape == (users, 96, n)
+    assert bool((beams.scores[:, 1:] <= beams.scores[:, :-1]).all()), "scores must be non-increasing"
+    alive = torch.isfinite(beams.scores)  # merging leaves empty slots (-inf, codes MASKED)
+    assert bool(alive.all()) != merge
+    assert bool((beams.codes[~alive] == MASKED).all())
+    joint = log_p.gather(2, beams.codes.clamp(min=0).transpose(1, 2)).sum(1)  # (B, W)
+    assert torch.allclose(beams.scores[alive], joint[alive], atol=1e-5)
+    argmax = log_p.argmax(-1)
+    items, invalid, candidates = beams_to_items(sids, beams, k=12)
+    expected = _brute_force_items(
+        sids, log_p, lambda row, combo: any(combo[d] == int(argmax[row, d]) for d in range(n)), k=12
+    )
+    assert items.tolist() == expected
+    assert int(candidates) == int(alive.sum()) and 0 <= int(invalid) < int(candidates)
+
+
+def test_fixed_order_beam_matches_brute_force() -> None:
+    n, size, users = 3, 4, 4
+    sids = _hand_made_sids(n, size, num_items=30, seed=1)
+    log_p = torch.randn(users, n, size).log_softmax(-1)
+    order = [2, 0, 1]
+    beams = cpd_beam_search(_factorised_stub(log_p), users, n, size, beam=16, decode_order="fixed", fixed_order=order)
+    assert beams.codes.shape == (users, 16, n)  # digits 2 then 0 branch (4 x 4), digit 1 is argmax
+    argmax = log_p.argmax(-1)
+    items, _, _ = beams_to_items(sids, beams, k=10)
+    expected = _brute_force_items(sids, log_p, lambda row, combo: combo[1] == int(argmax[row, 1]), k=10)
+    assert items.tolist() == expected
+
+
+def test_narrow_beam_finds_the_best_factorised_id() -> None:
+    log_p = torch.randn(6, 4, 8).log_softmax(-1)
+    beams = cpd_beam_search(_factorised_stub(log_p), 6, 4, 8, beam=1)
+    assert beams.codes[:, 0].tolist() == log_p.argmax(-1).tolist()
+    assert torch.allclose(beams.scores[:, 0], log_p.max(-1).values.sum(-1))
+
+
+def test_merging_duplicate_beams_keeps_distinct_partial_states() -> None:
+    """A state with two digits filled is reached from two parents; unmerged, both copies take slots."""
+    log_p = torch.randn(3, 4, 4).log_softmax(-1)
+    calls: list[torch.Tensor] = []
+    stub = _factorised_stub(log_p)
+
+    def recording(codes: torch.Tensor) -> torch.Tensor:
+        calls.append(codes.clone())
+        return stub(codes)
+
+    cpd_beam_search(recording, 3, 4, 4, beam=8, merge_duplicate_beams=True)
+    for codes in calls[2:]:  # states after steps >= 1 (two or more digits filled)
+        key = ((codes + 1) * 5 ** torch.arange(3, -1, -1)).sum(-1)  # (B, W)
+        for row in key:
+            assert len(set(row.tolist())) == len(row), "duplicate partial beam survived the merge"
+    unmerged: list[torch.Tensor] = []
+    cpd_beam_search(lambda c: (unmerged.append(c.clone()), stub(c))[1], 3, 4, 4, beam=8)
+    key = ((unmerged[2] + 1) * 5 ** torch.arange(3, -1, -1)).sum(-1)
+    assert any(len(set(row.tolist())) < len(row) for row in key), "the unmerged beam has duplicates here"
+
+
+@pytest.mark.parametrize("anchor", ["oldest", "newest"])
+def test_beam_on_a_tiny_model_returns_valid_distinct_ordered_items(anchor: str) -> None:
+    torch.manual_seed(0)
+    sids = _hand_made_sids(3, 4, num_items=30)
+    model = _tiny_model(30, position_anchor=anchor).eval()
+    model.set_semantic_ids(sids)
+    history = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 0, 0, 0, 12]])
+    with torch.no_grad():
+        beams = model.beam_search(history, beam=96)  # full width for n=3, K=4
+    assert bool((beams.scores[:, 1:] <= beams.scores[:, :-1]).all())
+    assert bool(torch.isfinite(beams.scores).all())
+    ranked = model.recommend(history, 10, beam=96)
+    for row in ranked.tolist():
+        real = [i for i in row if i]
+        assert len(real) == len(set(real)) and all(1 <= i <= 30 for i in real)
+        assert row[len(real) :] == [0] * (10 - len(real))
+    # Items come in the order of their IDs' best beam scores (ties inside a collision: ascending id).
+    keys = sids.pack(beams.codes)
+    for user, row in enumerate(ranked.tolist()):
+        best = {}
+        for key, score in zip(keys[user].tolist(), beams.scores[user].tolist(), strict=True):
+            best.setdefault(key, score)
+        item_scores = [best[int(sids.keys[i])] for i in row if i]
+        assert item_scores == sorted(item_scores, reverse=True)
+    # Padding columns change nothing (positions come from the mask), nor do the other users.
+    short = history[[0, 2]]
+    assert torch.equal(model.recommend(short[:, -3:], 10, beam=96), ranked[[0, 2]])
+    assert torch.equal(model.recommend(history[2:], 10, beam=96), ranked[2:])
+
+
+# ------------------------------------------------------------------------------------------------
+# item-level vs ID-level metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def test_item_level_metrics_differ_from_id_level_exactly_by_collision_expansion(monkeypatch) -> None:
+    # Items 3 and 5 share ID (1, 0); item 2 is (0, 1); item 6 is (2, 2); items 1 and 4 other IDs.
+    codes = torch.tensor([[-1, -1], [0, 0], [0, 1], [1, 0], [1, 1], [1, 0], [2, 2]])
+    sids = SemanticIDs(codes, (4, 4), "constructed")
+    decoded = torch.tensor([[1, 0], [0, 1], [3, 3], [1, 0], [2, 2]])  # (3, 3) is no item; (1, 0) repeats
+    beams = BeamResult(decoded.expand(4, -1, -1), torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0]).expand(4, -1))
+    items, invalid, candidates = beams_to_items(sids, beams, k=5)
+    assert items[0].tolist() == [3, 5, 2, 6, 0]
+    assert (int(invalid), int(candidates)) == (4, 20)
+
+    targets = torch.tensor([5, 3, 2, 6])
+    item_metrics = RankingMetrics((1, 5, 10))
+    item_metrics.update(items, targets)
+    # ID level (the reference's evaluation): rank the distinct valid IDs; a hit on the shared ID
+    # counts for both of its items.
+    id_rank = {5: 1, 3: 1, 2: 2, 6: 3}
+    # Item level: an ID's items take consecutive ranks in ascending id order, so each rank shifts
+    # by the number of items that share an ID ranked at or before it (and come first).
+    item_rank = {5: 2, 3: 1, 2: 3, 6: 4}
+    expansion_shift = {5: 1, 3: 0, 2: 1, 6: 1}
+    assert all(item_rank[t] == id_rank[t] + expansion_shift[t] for t in id_rank)
+    values = item_metrics.compute()
+    assert math.isclose(float(values["ndcg@5"]), sum(1 / math.log2(r + 1) for r in item_rank.values()) / 4, rel_tol=1e-6)
+    assert math.isclose(float(values["recall@1"]), 0.25)  # only item 3 is at rank 1
+    id_ndcg = sum(1 / math.log2(r + 1) for r in id_rank.values()) / 4
+    assert float(values["ndcg@5"]) < id_ndcg and math.isclose(id_ndcg - float(values["ndcg@5"]), sum(
+        1 / math.log2(id_rank[t] + 1) - 1 / math.log2(item_rank[t] + 1) for t in id_rank) / 4, rel_tol=1e-9)
+
+    # recommend() turns the beams into exactly these items and counts invalid IDs.
+    model = _tiny_model(6, n_digits=2, codebook_size=4)
+    model.set_semantic_ids(sids)
+    monkeypatch.setattr(model, "beam_search", lambda history, beam: beams)
+    assert torch.equal(model.recommend(torch.ones(4, 3, dtype=torch.long), 5), items)
+    assert model.decode_stats.compute().tolist() == [4.0, 20.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Lightning integration
+# ------------------------------------------------------------------------------------------------
+
+
+def test_schedule_warmup_then_cosine() -> None:
+    assert warmup_cosine_factor(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine_factor(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine_factor(110, 10, 110) == pytest.approx(0.0)
+    assert warmup_cosine_factor(500, 10, float("inf")) == 1.0
+
+
+@pytest.fixture(scope="module")
+def small_data() -> SyntheticDataModule:
+    data = SyntheticDataModule(scale=0.02, max_len=10, batch_size=64, eval_batch_size=128)
+    data.setup()
+    return data
+
+
+def test_stage_picks_the_beam_clipping_and_checkpoint_round_trip(small_data, tmp_path, monkeypatch) -> None:
+    pl.seed_everything(0)
+    model = _tiny_model(
+        small_data.num_items, 3, 8, small_data.max_len, val_beam=3, test_beam=5, warmup_steps=2, dropout=0.1
+    )
+    model.set_semantic_ids(_hand_made_sids(3, 8, num_items=small_data.num_items), {"embedding_source": "hand-made"})
+    beams_used: list[int] = []
+    clips: list[float] = []
+    search = model.beam_search
+    monkeypatch.setattr(model, "beam_search", lambda history, beam: (beams_used.append(beam), search(history, beam))[1])
+    clip = model.clip_gradients
+    monkeypatch.setattr(
+        model, "clip_gradients", lambda opt, gradient_clip_val, gradient_clip_algorithm: (
+            clips.append(gradient_clip_val), clip(opt, gradient_clip_val, gradient_clip_algorithm))[1]
+    )
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1)
+    trainer.fit(model, datamodule=small_data)
+    assert clips == [1.0, 1.0], "gradient-norm clipping at 1.0 on every step"
+    assert set(beams_used) == {3}, "validation uses val_beam"
+    beams_used.clear()
+    trainer.test(model, datamodule=small_data, verbose=False)
+    assert set(beams_used) == {5}, "test uses test_beam"
+
+    path = tmp_path / "diffgrm.ckpt"
+    trainer.save_checkpoint(path)
+    restored = DiffGRM.load_from_checkpoint(path, weights_only=False).eval()
+    history = next(iter(small_data.test_dataloader()))["history"][:16]
+    model.eval()
+    assert torch.equal(restored.recommend(history, 10), model.recommend(history, 10))
+    assert restored.run_notes()["embedding_source"] == "hand-made"
+    assert restored.item_id_stats() == model.item_id_stats()
+
+
+def test_short_fit_on_synthetic_data_beats_popularity() -> None:
+    # follow_prob 0.9: mostly the item-level follow-up signal, which popularity cannot use; real PSE
+    # codes (collaborative embeddings, 4 x 64: 605 items fit no 256-code book) and the default recipe.
+    data = SyntheticDataModule(scale=0.05, max_len=20, follow_prob=0.9, batch_size=64, eval_batch_size=512)
+    data.setup()
+    pl.seed_everything(0)
+    popularity = fit_and_test(instantiate_model("popularity", data.num_items, data.max_len), data, 1)
+    pl.seed_everything(0)
+    model = instantiate_model(
+        "diffgrm",
+        data.num_items,
+        data.max_len,
+        embedding_source="collaborative",
+        codebook_size=64,
+        hidden_size=64,
+        decoder_layers=2,
+        num_heads=2,
+        inner_size=128,
+        dropout=0.0,
+        warmup_steps=20,
+        val_beam=16,
+        test_beam=16,
+    )
+    diffgrm = fit_and_test(model, data, 3)
+    assert str(model.run_notes()["embedding_source"]).startswith("cooccurrence")
+    assert diffgrm["test/ndcg@10"] > 1.5 * popularity["test/ndcg@10"], (diffgrm, popularity)
+    assert diffgrm["test/recall@10"] > popularity["test/recall@10"]
