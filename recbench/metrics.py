@@ -94,8 +94,10 @@ class RankingMetrics(Metric):
     def update(self, ranked: torch.Tensor, target: torch.Tensor) -> None:
         ranks = target_ranks(ranked[:, : self.max_k], target)
         hit_ranks = ranks[ranks > 0] - 1
-        self.rank_counts += torch.bincount(hit_ranks, minlength=self.max_k)
-        self.num_cases += target.numel()
+        # Out-of-place: Lightning resets metrics under inference mode, and an in-place update of such
+        # a state outside inference mode (a plain no_grad call after trainer.test) is an error.
+        self.rank_counts = self.rank_counts + torch.bincount(hit_ranks, minlength=self.max_k)
+        self.num_cases = self.num_cases + target.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
         if int(self.num_cases) == 0:
@@ -125,8 +127,9 @@ class DecodeStats(Metric):
         self.add_state("candidates", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, invalid: int | torch.Tensor, candidates: int | torch.Tensor) -> None:
-        self.invalid += torch.as_tensor(invalid, dtype=torch.long, device=self.invalid.device)
-        self.candidates += torch.as_tensor(candidates, dtype=torch.long, device=self.candidates.device)
+        # Out-of-place for the same reason as RankingMetrics.update.
+        self.invalid = self.invalid + torch.as_tensor(invalid, dtype=torch.long, device=self.invalid.device)
+        self.candidates = self.candidates + torch.as_tensor(candidates, dtype=torch.long, device=self.candidates.device)
 
     def compute(self) -> torch.Tensor:
         """``(invalid, candidates)`` as float64; the rate is their ratio."""

@@ -66,3 +66,18 @@ def test_case_values_average_to_metric() -> None:
 def test_state_is_integer_so_reduction_is_exact() -> None:
     metric = RankingMetrics()
     assert metric.rank_counts.dtype == torch.long and metric.num_cases.dtype == torch.long
+
+
+def test_states_reset_under_inference_mode_still_update_outside_it() -> None:
+    # Lightning resets metrics inside inference mode; a later no_grad update must not fail.
+    from recbench.metrics import DecodeStats
+
+    metric, stats = RankingMetrics(), DecodeStats()
+    with torch.inference_mode():
+        metric.reset()
+        stats.reset()
+    with torch.no_grad():
+        metric.update(torch.tensor([[1, 2, 3]]), torch.tensor([2]))
+        stats.update(1, 5)
+    assert float(metric.compute()["recall@5"]) == 1.0
+    assert stats.compute().tolist() == [1.0, 5.0]
