@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningCLI
 
 from benchmark.registry import CONFIG_DIR, resolve_config

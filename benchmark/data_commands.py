@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from benchmark.registry import config_names, instantiate_data
 from recbench.data import DatasetStats, SeqRecDataModule, SplitCounts
 
+
 @dataclass(frozen=True)
 class PrepareReport:
     """What one ``prepare_data`` call did."""

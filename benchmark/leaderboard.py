@@ -89,7 +89,7 @@ def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
     for (dataset, protocol, profile), group in summary.group_by(GROUP_COLUMNS, maintain_order=True):
         figure, axes = plt.subplots(1, 2, figsize=(10, 0.5 * group.height + 2))
         labels = group["config"].to_list()
-        for axis, metric in zip(axes, ("ndcg@10", "recall@10")):
+        for axis, metric in zip(axes, ("ndcg@10", "recall@10"), strict=True):
             std = group[f"{metric}_std"].fill_null(0.0).to_numpy()
             axis.barh(labels, group[metric].to_numpy(), xerr=std, color="#4c72b0", capsize=3)
             axis.invert_yaxis()

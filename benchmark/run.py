@@ -178,7 +178,7 @@ def append_row(path: Path, row: dict[str, object], replace: bool = False) -> Non
         key = _row_key(row)
         if any(_row_key(existing) == key for existing in rows):
             if not replace:
-                raise ValueError(f"{path}: a row for {dict(zip(KEY_COLUMNS, key))} exists already")
+                raise ValueError(f"{path}: a row for {dict(zip(KEY_COLUMNS, key, strict=True))} exists already")
             rows = [existing for existing in rows if _row_key(existing) != key]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=ROW_COLUMNS, extrasaction="raise")

@@ -37,7 +37,7 @@ def _training_targets_from_windows(data: SyntheticDataModule) -> list[tuple[int,
     data.train_format = "sequence"
     out = []
     for batch in data.train_dataloader():
-        for user, sequence in zip(batch[USER].tolist(), batch[SEQUENCE]):
+        for user, sequence in zip(batch[USER].tolist(), batch[SEQUENCE], strict=True):
             real = sequence[sequence != PAD_ID].tolist()
             out += [(user, real[i], tuple(real[:i])) for i in range(1, len(real))]
     return out
@@ -55,7 +55,7 @@ def _loader_pairs(data: SyntheticDataModule) -> list[tuple[int, int, tuple[int, 
     pairs = _all(data.train_dataloader())
     return sorted(
         (user, target, tuple(history[history != PAD_ID].tolist()))
-        for user, target, history in zip(pairs[USER].tolist(), pairs[TARGET].tolist(), pairs[HISTORY])
+        for user, target, history in zip(pairs[USER].tolist(), pairs[TARGET].tolist(), pairs[HISTORY], strict=True)
     )
 
 
