@@ -110,7 +110,7 @@ from recbench.diffusion import (
     random_mask_views,
     random_order,
 )
-from recbench.item_side import item_embeddings_for, semantic_ids_for
+from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.semantic_ids import PAD_CODE, ParallelPQConfig, SemanticIDs
@@ -646,13 +646,8 @@ class DiffGRM(SeqRecModel):
                 data, encoder=hp.text_encoder, collaborative_dim=hp.collaborative_dim, show_progress=False
             )
         n_train = int(data.train_item_mask().sum())
-        k = self.codebook_size
-        notes: dict[str, Any] = {"embedding_source": embeddings.source, "codebook_fallback": None}
-        if n_train < k:
-            k = 1 << (n_train.bit_length() - 1)  # largest power of two <= n_train
-            message = f"only {n_train} training items for {self.codebook_size} codes per digit: using {k}"
-            log.warning("DiffGRM: %s", message)
-            notes["codebook_fallback"] = message
+        k, fallback = codebook_size_for(self.codebook_size, n_train, "DiffGRM")
+        notes: dict[str, Any] = {"embedding_source": embeddings.source, "codebook_fallback": fallback or None}
         pca = min(self.hparams.pca_dim, embeddings.dim, n_train - 1)
         pca -= pca % self.n_digits  # PQ splits the PCA output into n equal sub-spaces
         if pca != self.hparams.pca_dim:

@@ -90,7 +90,7 @@ from torch.nn import functional as F
 
 from recbench.batch import HISTORY, PAD_ID, TARGET, Batch
 from recbench.data import SeqRecDataModule
-from recbench.item_side import item_embeddings_for, semantic_ids_for
+from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.nn import TransformerBlock
@@ -481,10 +481,6 @@ def _trim_left_padding(history: Tensor) -> Tensor:
     return history[:, first:]
 
 
-def _largest_power_of_two(n: int) -> int:
-    return 1 << (max(n, 1).bit_length() - 1)
-
-
 class TIGER(SeqRecModel):
     """TIGER-style autoregressive semantic-ID recommender (see the module docstring).
 
@@ -636,17 +632,8 @@ class TIGER(SeqRecModel):
             show_progress=False,
         )
         n_train = int(datamodule.train_item_mask().sum())
-        size = self.codebook_size
-        info = {"embedding_source": embeddings.source, "codebook_fallback": ""}
-        if n_train < size:
-            size = _largest_power_of_two(n_train)
-            info["codebook_fallback"] = f"{self.codebook_size}->{size} ({n_train} training items)"
-            log.warning(
-                "TIGER: only %d training items for codebooks of %d codes; using %d codes per digit",
-                n_train,
-                self.codebook_size,
-                size,
-            )
+        size, fallback = codebook_size_for(self.codebook_size, n_train, "TIGER")
+        info = {"embedding_source": embeddings.source, "codebook_fallback": fallback}
         config = ResidualKMeansConfig(
             levels=self.levels,
             codebook_size=size,

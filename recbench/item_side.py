@@ -9,6 +9,7 @@ part of every result row.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from recbench.text import (
     collaborative_item_embeddings,
     default_text_fields,
 )
+
+log = logging.getLogger(__name__)
 
 
 def item_side_cache(cache_dir: str | Path | None = None) -> Path:
@@ -45,6 +48,20 @@ def item_embeddings_for(
         )
     flat, offsets = data.train_sequences()
     return collaborative_item_embeddings((flat, offsets), data.num_items, dim=collaborative_dim)
+
+
+def codebook_size_for(requested: int, train_items: int, model: str) -> tuple[int, str]:
+    """Codes per digit that ``train_items`` training items can support, and a note when reduced.
+
+    k-means needs at least as many training points as codes, so tiny datasets (tests, smoke runs)
+    fall back to the largest power of two not above ``train_items``; the note (``""`` when the
+    request stands) goes into the run's notes, and a WARNING is logged.
+    """
+    if train_items >= requested:
+        return requested, ""
+    size = 1 << (max(train_items, 1).bit_length() - 1)
+    log.warning("%s: only %d training items for %d codes per digit; using %d", model, train_items, requested, size)
+    return size, f"{requested}->{size} ({train_items} training items)"
 
 
 def semantic_ids_for(
