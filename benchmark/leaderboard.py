@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from scipy import stats
 from benchmark.run import METRIC_COLUMNS, atomic_write_text, read_rows
 
 BOARD_COLUMNS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10")
-GROUP_COLUMNS = ("dataset", "protocol", "profile")
+# Rows are only ever averaged or ranked within one dataset, protocol, profile and device: the quick
+# profile has a wall-clock budget, so the same config reaches different epochs on different hardware.
+GROUP_COLUMNS = ("dataset", "protocol", "profile", "device")
 
 
 def load_results(results_dir: Path) -> polars.DataFrame:
@@ -50,7 +53,7 @@ def summarise(table: polars.DataFrame) -> polars.DataFrame:
     for column in (*BOARD_COLUMNS, "train_seconds", "test_users_per_second", "parameters"):
         aggregations += [polars.col(column).mean().alias(column), polars.col(column).std().alias(f"{column}_std")]
     return table.group_by([*GROUP_COLUMNS, "config"], maintain_order=True).agg(aggregations).sort(
-        [*GROUP_COLUMNS, "ndcg@10"], descending=[False, False, False, True]
+        [*GROUP_COLUMNS, "ndcg@10"], descending=[*(False for _ in GROUP_COLUMNS), True]
     )
 
 
@@ -64,9 +67,9 @@ def _cell(mean: float | None, std: float | None, bold: bool) -> str:
 def render_markdown(summary: polars.DataFrame) -> str:
     out = io.StringIO()
     out.write("# recbench leaderboard\n\nMean ± std over seeds (n = seeds); best mean per column in bold. "
-              "Compare rows only within one dataset, protocol and profile.\n")
-    for (dataset, protocol, profile), group in summary.group_by(GROUP_COLUMNS, maintain_order=True):
-        out.write(f"\n## {dataset} — {protocol} — profile {profile}\n\n")
+              "Compare rows only within one dataset, protocol, profile and device.\n")
+    for (dataset, protocol, profile, device), group in summary.group_by(GROUP_COLUMNS, maintain_order=True):
+        out.write(f"\n## {dataset} — {protocol} — profile {profile} — {device}\n\n")
         header = ["model (config)", "n", *BOARD_COLUMNS, "train s", "test users/s", "params"]
         out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         best = {column: group[column].max() for column in BOARD_COLUMNS}
@@ -78,6 +81,10 @@ def render_markdown(summary: polars.DataFrame) -> str:
     return out.getvalue()
 
 
+def _device_slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
+
+
 def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -86,7 +93,7 @@ def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
 
     written = []
     plots_dir.mkdir(parents=True, exist_ok=True)
-    for (dataset, protocol, profile), group in summary.group_by(GROUP_COLUMNS, maintain_order=True):
+    for (dataset, protocol, profile, device), group in summary.group_by(GROUP_COLUMNS, maintain_order=True):
         figure, axes = plt.subplots(1, 2, figsize=(10, 0.5 * group.height + 2))
         labels = group["config"].to_list()
         for axis, metric in zip(axes, ("ndcg@10", "recall@10"), strict=True):
@@ -94,9 +101,9 @@ def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
             axis.barh(labels, group[metric].to_numpy(), xerr=std, color="#4c72b0", capsize=3)
             axis.invert_yaxis()
             axis.set_xlabel(metric)
-        figure.suptitle(f"{dataset} ({protocol}, {profile}): mean ± std over seeds")
+        figure.suptitle(f"{dataset} ({protocol}, {profile}, {device}): mean ± std over seeds")
         figure.tight_layout()
-        path = plots_dir / f"{dataset}-{protocol}-{profile}.png"
+        path = plots_dir / f"{dataset}-{protocol}-{profile}-{_device_slug(device)}.png"
         temporary = path.with_name(f".{path.name}.tmp.png")
         figure.savefig(temporary, dpi=110)
         plt.close(figure)
@@ -201,9 +208,11 @@ def compare_main(argv: Sequence[str]) -> None:
         (polars.col("dataset") == new_row["dataset"])
         & (polars.col("protocol") == new_row["protocol"])
         & (polars.col("profile") == new_row["profile"])
+        & (polars.col("device") == new_row["device"])
     )
     summary = summarise(table)
-    print(f"\n{new_row['config']} on {new_row['dataset']} ({new_row['protocol']}, {new_row['profile']}), "
+    print(f"\n{new_row['config']} on {new_row['dataset']} ({new_row['protocol']}, {new_row['profile']}, "
+          f"{new_row['device']}), "
           f"seed {new_row['seed']}: NDCG@10 {float(new_row['ndcg@10']):.4f}, Recall@10 {float(new_row['recall@10']):.4f}")
     ranking = summary.select("config", "ndcg@10", "recall@10", "seeds").to_dicts()
     if not any(r["config"] == new_row["config"] for r in ranking):

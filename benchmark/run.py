@@ -12,8 +12,8 @@ Robustness:
   file and ``os.replace``: two runners at once lose nothing and a crash never leaves a partial row;
 - checkpoints live in ``<work_dir>/<run_id>/checkpoints``; rerunning the same command after a crash
   resumes from ``last.ckpt``;
-- a run whose key (dataset, protocol, model, config, seed, profile) is already in the CSV is skipped
-  unless ``--force`` (which replaces the row).
+- a run whose key (dataset, protocol, model, config, seed, profile, device) is already in the CSV is
+  skipped unless ``--force`` (which replaces the row).
 
 Model configs: ``<name>.yaml`` serves the smoke and quick profiles, ``<name>_paper.yaml`` the paper
 profile where it exists. Trainer options pass through (``--trainer.strategy ddp
@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -45,7 +45,7 @@ import polars
 import torch
 import yaml
 from jsonargparse import ArgumentParser
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
 
 from benchmark.registry import CONFIG_DIR, config_names, instantiate_data, instantiate_model, resolve_config
@@ -55,9 +55,16 @@ from recbench.model import SELECTION_METRIC, SeqRecModel
 
 ROW_SCHEMA_VERSION = 1
 METRIC_COLUMNS = metric_names((5, 10, 20))
-KEY_COLUMNS = ("dataset", "protocol", "model", "config", "seed", "profile")
+# A run's identity. The device is part of it because a time-budgeted profile (quick) gives different
+# numbers on different hardware; rows from two devices are never merged into one mean.
+KEY_COLUMNS = ("dataset", "protocol", "model", "config", "seed", "profile", "device")
 ROW_COLUMNS: tuple[str, ...] = (
-    *KEY_COLUMNS,
+    "dataset",
+    "protocol",
+    "model",
+    "config",
+    "seed",
+    "profile",
     *METRIC_COLUMNS,
     "invalid_id_rate",
     "collision_rate",
@@ -96,6 +103,9 @@ class Profile:
         check_val_every_n_epoch: validation cadence.
         model_variant: use ``<model>_<variant>.yaml`` where that file exists.
         precision: Lightning precision; None = bf16-mixed on GPU, 32-true on CPU.
+        max_minutes: wall-clock budget for one fit (training plus its validations); when it runs
+            out mid-epoch Lightning validates once more, so the best checkpoint always exists. A
+            budgeted profile gives hardware-dependent numbers: rows are keyed and ranked per device.
     """
 
     name: str
@@ -106,6 +116,7 @@ class Profile:
     check_val_every_n_epoch: int = 1
     model_variant: str = ""
     precision: str | None = None
+    max_minutes: float | None = None
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -293,6 +304,8 @@ def run_one(
     }
     if profile.limit_train_batches is not None:
         options["limit_train_batches"] = profile.limit_train_batches
+    if profile.max_minutes is not None:
+        options["max_time"] = timedelta(minutes=profile.max_minutes)
     options.update(trainer_overrides)
     trainer = pl.Trainer(**options)  # type: ignore[arg-type]
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -320,6 +333,9 @@ def run_one(
     notes = {
         **model.run_notes(),
         "resumed": resumed,
+        "stopped_by": _stop_reason(trainer, max_epochs),
+        "global_steps": trainer.global_step,
+        "torch_threads": torch.get_num_threads(),
         "best_checkpoint": best_path,
         "trainer_overrides": {k: str(v) for k, v in trainer_overrides.items()},
         "data_overrides": {k: str(v) for k, v in data_overrides.items()},
@@ -373,6 +389,15 @@ def run_one(
     os.replace(handle.name, out / "cases.parquet")
     append_row(results_dir / f"{data.name}.csv", row, replace=force)
     return row
+
+
+def _stop_reason(trainer: pl.Trainer, max_epochs: int) -> str:
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # type: ignore[attr-defined]
+    if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        return "time budget"
+    if trainer.current_epoch >= max_epochs:
+        return "max epochs"
+    return "early stopping" if trainer.should_stop else "finished"
 
 
 def summary_line(row: dict[str, object]) -> str:
@@ -432,7 +457,15 @@ def main(argv: Sequence[str]) -> None:
     started = time.perf_counter()
     rows = []
     for index, spec in enumerate(specs, 1):
-        key = (data.name, data.split, model_class_name(spec.model_config), spec.model_config, str(spec.seed), profile.name)
+        key = (
+            data.name,
+            data.split,
+            model_class_name(spec.model_config),
+            spec.model_config,
+            str(spec.seed),
+            profile.name,
+            device_name(),
+        )
         if key in done and not args.force:
             print(f"[{index}/{len(specs)}] skip {spec.run_id}: already in {args.results_dir / (data.name + '.csv')}")
             continue
