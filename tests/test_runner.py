@@ -112,3 +112,35 @@ def test_paired_test_against_hand_computation() -> None:
     assert same.t_pvalue == 1.0 and same.mean_difference == 0.0
     strong = paired_test(np.ones(200), np.zeros(200) + np.linspace(0, 0.1, 200), "recall@10")
     assert strong.t_pvalue < 1e-10 and strong.bootstrap_pvalue == 0.0
+
+
+def test_time_budget_ends_a_fit_mid_epoch_and_the_best_checkpoint_is_tested(tmp_path: Path) -> None:
+    # 0.3 s of budget against 200 epochs: only the budget can end this fit.
+    profile = tmp_path / "budget.yaml"
+    profile.write_text("name: budget\nmax_epochs: 200\npatience: 200\nval_subset: 50\nmax_minutes: 0.005\n")
+    result = _bench(tmp_path, "--profile", str(profile), "--models", "sasrec")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (row,) = read_rows(tmp_path / "results" / "synthetic-x0.02.csv")
+    notes = json.loads(row["notes"])
+    assert notes["stopped_by"] == "time budget"
+    assert int(row["epochs"]) < 200 and row["best_epoch"] != ""
+    assert notes["best_checkpoint"].endswith("best.ckpt") and Path(tmp_path, notes["best_checkpoint"]).exists()
+
+
+def test_rows_from_two_devices_are_two_runs_and_never_averaged(tmp_path: Path) -> None:
+    import polars
+
+    from benchmark.leaderboard import summarise
+
+    path = tmp_path / "d.csv"
+    for device, ndcg in (("cpu A", 0.1), ("gpu B", 0.3)):
+        append_row(path, {**_row(1), "device": device, "ndcg@10": ndcg})
+    append_row(path, {**_row(2), "device": "gpu B", "ndcg@10": 0.5})
+    with pytest.raises(ValueError, match="exists already"):
+        append_row(path, {**_row(1), "device": "cpu A"})
+    table = polars.DataFrame(read_rows(path)).with_columns(polars.col(c).cast(polars.Float64, strict=False)
+                                                          for c in METRIC_COLUMNS)
+    table = table.with_columns(polars.lit(1.0).alias(c) for c in ("train_seconds", "test_users_per_second",
+                                                                   "parameters"))
+    summary = {row["device"]: (row["seeds"], row["ndcg@10"]) for row in summarise(table).iter_rows(named=True)}
+    assert summary == {"cpu A": (1, pytest.approx(0.1)), "gpu B": (2, pytest.approx(0.4))}
