@@ -114,7 +114,7 @@ from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.semantic_ids import PAD_CODE, ParallelPQConfig, SemanticIDs
-from recbench.text import DEFAULT_ENCODER, ItemEmbeddings, collaborative_item_embeddings
+from recbench.text import DEFAULT_ENCODER
 
 log = logging.getLogger(__name__)
 
@@ -638,13 +638,13 @@ class DiffGRM(SeqRecModel):
         hp = self.hparams
         if data.num_items != self.num_items:
             raise ValueError(f"the data has {data.num_items} items, the model {self.num_items}")
-        embeddings: ItemEmbeddings
-        if hp.embedding_source == "collaborative":
-            embeddings = collaborative_item_embeddings(data.train_sequences(), data.num_items, dim=hp.collaborative_dim)
-        else:
-            embeddings = item_embeddings_for(
-                data, encoder=hp.text_encoder, collaborative_dim=hp.collaborative_dim, show_progress=False
-            )
+        embeddings = item_embeddings_for(
+            data,
+            source=hp.embedding_source,
+            encoder=hp.text_encoder,
+            collaborative_dim=hp.collaborative_dim,
+            show_progress=False,
+        )
         n_train = int(data.train_item_mask().sum())
         k, fallback = codebook_size_for(self.codebook_size, n_train, "DiffGRM")
         notes: dict[str, Any] = {"embedding_source": embeddings.source, "codebook_fallback": fallback or None}

@@ -623,11 +623,10 @@ class TIGER(SeqRecModel):
 
     def fit_semantic_ids(self, datamodule: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, str]]:
         """Residual k-means IDs of ``datamodule``'s items (cached on disk) and their provenance."""
-        fields = () if self.embedding_source == "collaborative" else None  # () -> collaborative
         embeddings = item_embeddings_for(
             datamodule,
+            source=self.embedding_source,
             encoder=self.text_encoder,
-            fields=fields,
             collaborative_dim=self.collaborative_dim,
             show_progress=False,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -33,15 +34,16 @@ def item_side_cache(cache_dir: str | Path | None = None) -> Path:
 
 def item_embeddings_for(
     data: SeqRecDataModule,
+    source: Literal["text", "collaborative"] = "text",
     encoder: str = DEFAULT_ENCODER,
-    fields: tuple[str, ...] | None = None,
     collaborative_dim: int = 64,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> ItemEmbeddings:
-    """Sentence embeddings of the dataset's item text, or collaborative ones where it has none."""
+    """Sentence embeddings of the dataset's item text (``source="text"``), or collaborative ones
+    from training co-occurrence (``source="collaborative"``, or a dataset without item text)."""
     items = data.items_table
-    chosen = list(fields) if fields is not None else default_text_fields(items)
+    chosen = default_text_fields(items) if source == "text" else []
     if chosen:
         return cached_item_embeddings(
             items, item_side_cache(cache_dir), encoder=encoder, fields=chosen, show_progress=show_progress
