@@ -12,13 +12,13 @@ rate printed alongside is then meaningless. The semantic IDs come from the check
 fitted (cached) on the dataset with the config's embedding source (``--embedding-source`` overrides;
 ``collaborative`` avoids encoding item text, which takes minutes on a CPU for Beauty-sized data).
 
-Writes ``results/perf/diffgrm_speed.json`` and ``.md`` atomically, with the device and the date.
+Writes ``results/perf/<config>_speed_<dataset>_<cpu|cuda>.json`` and ``.md`` atomically (for a
+checkpoint, ``<config>`` is its run directory), with the device and the date.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from baselines.diffgrm import DiffGRM
+from benchmark.perf.common import write_report
 from benchmark.registry import instantiate_data, instantiate_model
-from benchmark.run import atomic_write_text, device_name, git_commit
+from benchmark.run import device_name, git_commit
 
 
 def _sync(device: torch.device) -> None:
@@ -138,10 +139,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     if device.type == "cpu":
         report["device"] = device_name()
-    out = Path(args.out)
-    atomic_write_text(out / "diffgrm_speed.json", json.dumps(report, indent=2, default=str))
-    atomic_write_text(out / "diffgrm_speed.md", _markdown(report))
-    print(f"wrote {out / 'diffgrm_speed.json'} and {out / 'diffgrm_speed.md'}")
+    config_name = Path(args.checkpoint).parents[1].name if args.checkpoint else Path(args.config).stem
+    paths = write_report(Path(args.out), f"{config_name}_speed_{data.name}_{device.type}", report, _markdown(report))
+    print(_markdown(report))
+    print("wrote", *paths)
     return report
 
 

@@ -10,7 +10,8 @@ beam search + ID -> item mapping) over the first ``--max-test-users`` test cases
 per beam width, after one warm-up batch; the network is the briefly trained one, which costs the
 same as a converged one. The semantic IDs are fitted (or read from the item-side cache) first and
 not timed. On CUDA the timed code runs under bf16 autocast, as the runner's ``bf16-mixed``.
-Writes ``<out>/tiger_speed.json`` and ``.md`` atomically, with the device and the date.
+Writes ``<out>/<model>_speed_<dataset>_<cpu|cuda>.json`` and ``.md`` atomically, with the device and
+the date.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def main() -> None:
         f"{'bf16 autocast. ' if device.type == 'cuda' else ''}"
         f"torch {payload['torch']}, {payload['threads']} threads, {payload['date']}, commit {payload['git_commit']}\n"
     )
-    paths = write_report(args.out, "tiger_speed", payload, markdown)
+    paths = write_report(args.out, f"{Path(args.model).stem}_speed_{data.name}_{device.type}", payload, markdown)
     print(markdown)
     print("wrote", *paths)
 
