@@ -290,13 +290,21 @@ def run_one(
         dirpath=run_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max", filename="best", save_last=True
     )
     epoch_log = _EpochLog()
+    # The Timer's elapsed training time is saved in checkpoints, so a resumed run reports (and is
+    # budgeted by) its whole training time, not only the part after the restart.
+    timer = Timer(timedelta(minutes=profile.max_minutes) if profile.max_minutes is not None else None, verbose=False)
     max_epochs = profile.max_epochs
     if model.max_useful_epochs is not None:
         max_epochs = min(max_epochs, model.max_useful_epochs)
     options: dict[str, object] = {
         "max_epochs": max_epochs,
         "precision": profile.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
-        "callbacks": [checkpoint, EarlyStopping(SELECTION_METRIC, mode="max", patience=profile.patience), epoch_log],
+        "callbacks": [
+            checkpoint,
+            EarlyStopping(SELECTION_METRIC, mode="max", patience=profile.patience),
+            epoch_log,
+            timer,
+        ],
         "logger": CSVLogger(run_dir, name="logs", version=""),
         "check_val_every_n_epoch": profile.check_val_every_n_epoch,
         "num_sanity_val_steps": 0,
@@ -304,17 +312,14 @@ def run_one(
     }
     if profile.limit_train_batches is not None:
         options["limit_train_batches"] = profile.limit_train_batches
-    if profile.max_minutes is not None:
-        options["max_time"] = timedelta(minutes=profile.max_minutes)
     options.update(trainer_overrides)
     trainer = pl.Trainer(**options)  # type: ignore[arg-type]
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = last.exists() and not force
-    started = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(model, datamodule=data, ckpt_path=str(last) if resumed else None)
-    train_seconds = time.perf_counter() - started
+    train_seconds = timer.time_elapsed("train")
     # No best checkpoint exists when training never stepped an optimiser (counting baselines): the
     # in-memory model is then the trained model.
     best_path = checkpoint.best_model_path or None
@@ -333,7 +338,7 @@ def run_one(
     notes = {
         **model.run_notes(),
         "resumed": resumed,
-        "stopped_by": _stop_reason(trainer, max_epochs),
+        "stopped_by": _stop_reason(timer, trainer, max_epochs),
         "global_steps": trainer.global_step,
         "torch_threads": torch.get_num_threads(),
         "best_checkpoint": best_path,
@@ -391,9 +396,9 @@ def run_one(
     return row
 
 
-def _stop_reason(trainer: pl.Trainer, max_epochs: int) -> str:
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # type: ignore[attr-defined]
-    if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+def _stop_reason(timer: Timer, trainer: pl.Trainer, max_epochs: int) -> str:
+    remaining = timer.time_remaining()
+    if remaining is not None and remaining <= 0:
         return "time budget"
     if trainer.current_epoch >= max_epochs:
         return "max epochs"
