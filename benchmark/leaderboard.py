@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import polars
 from scipy import stats
 
-from benchmark.run import METRIC_COLUMNS, atomic_write_text, read_rows
+from benchmark.run import METRIC_COLUMNS, atomic_write_text, device_slug, read_rows
 
 BOARD_COLUMNS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10")
 # Rows are only ever averaged or ranked within one dataset, protocol, profile and device: the quick
@@ -81,10 +80,6 @@ def render_markdown(summary: polars.DataFrame) -> str:
     return out.getvalue()
 
 
-def _device_slug(device: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
-
-
 def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -103,7 +98,7 @@ def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
             axis.set_xlabel(metric)
         figure.suptitle(f"{dataset} ({protocol}, {profile}, {device}): mean ± std over seeds")
         figure.tight_layout()
-        path = plots_dir / f"{dataset}-{protocol}-{profile}-{_device_slug(device)}.png"
+        path = plots_dir / f"{dataset}-{protocol}-{profile}-{device_slug(device)}.png"
         temporary = path.with_name(f".{path.name}.tmp.png")
         figure.savefig(temporary, dpi=110)
         plt.close(figure)

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import tempfile
@@ -229,12 +230,15 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return f"{self.dataset}-{self.model_config}-{self.profile.name}-seed{self.seed}"
+        # The device is part of a run's key (see KEY_COLUMNS), so it is part of its directory names:
+        # a CPU run must never overwrite a GPU run's per-case values or resume from its checkpoint.
+        return f"{self.dataset}-{self.model_config}-{self.profile.name}-seed{self.seed}-{device_slug(device_name())}"
 
 
 def git_commit() -> str:
-    """HEAD (with ``-dirty`` for uncommitted tracked changes); ``$RECBENCH_GIT_COMMIT`` where the
-    checkout has no ``.git`` (a copied working tree on a remote machine)."""
+    """HEAD (with ``-dirty`` for uncommitted changes to tracked files outside ``results/``);
+    ``$RECBENCH_GIT_COMMIT`` where the checkout has no ``.git`` (a copied working tree on a remote
+    machine)."""
     if os.environ.get("RECBENCH_GIT_COMMIT"):
         return os.environ["RECBENCH_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
@@ -242,8 +246,12 @@ def git_commit() -> str:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=root, check=True
         ).stdout.strip()
+        # Result files are outputs, not code: rows appended by a run must not mark the next run dirty.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=root
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+            capture_output=True,
+            text=True,
+            cwd=root,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -260,6 +268,11 @@ def device_name() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{cpu} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: str) -> str:
+    """A file-name form of :func:`device_name`: ``"AMD EPYC (2 cores)"`` -> ``"amd-epyc-2-cores"``."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
 
 
 def peak_memory_mb() -> float:

@@ -15,7 +15,15 @@ import pytest
 from scipy import stats
 
 from benchmark.leaderboard import paired_test
-from benchmark.run import KEY_COLUMNS, METRIC_COLUMNS, ROW_COLUMNS, append_row, read_rows
+from benchmark.run import (
+    KEY_COLUMNS,
+    METRIC_COLUMNS,
+    ROW_COLUMNS,
+    append_row,
+    device_name,
+    device_slug,
+    read_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +87,8 @@ def test_kill_9_mid_run_leaves_no_row_and_the_rerun_resumes(tmp_path: Path) -> N
     profile = tmp_path / "long.yaml"
     profile.write_text("name: long\nmax_epochs: 6\npatience: 10\nlimit_train_batches: 2\nval_subset: 50\n")
     process = _bench(tmp_path, "--profile", str(profile), "--models", "sasrec", wait=False)
-    checkpoint = tmp_path / "runs" / "bench" / "synthetic_tiny-sasrec-long-seed1" / "checkpoints" / "last.ckpt"
+    run_id = f"synthetic_tiny-sasrec-long-seed1-{device_slug(device_name())}"
+    checkpoint = tmp_path / "runs" / "bench" / run_id / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
