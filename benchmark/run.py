@@ -295,6 +295,9 @@ def run_one(
 ) -> dict[str, object]:
     """Fit, test the best checkpoint, append the row; returns the row."""
     profile = spec.profile
+    # Read before the fit: the commit the code was loaded from, not whatever the tree holds by the
+    # time the row is written minutes later.
+    commit = git_commit()
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     data: SeqRecDataModule = instantiate_data(spec.dataset, val_subset=profile.val_subset, **data_overrides)
     model: SeqRecModel = instantiate_model(spec.model_config, data.num_items, data.max_len)
@@ -384,7 +387,7 @@ def run_one(
         "world_size": trainer.world_size,
         "val_subset": profile.val_subset,
         "exclude_history": model.exclude_history,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "config_hash": _config_hash(resolved),
         "data_fingerprint": data.fingerprint,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
