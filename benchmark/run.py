@@ -478,14 +478,16 @@ def main(argv: Sequence[str]) -> None:
     started = time.perf_counter()
     rows = []
     for index, spec in enumerate(specs, 1):
-        key = (
-            data.name,
-            data.split,
-            model_class_name(spec.model_config),
-            spec.model_config,
-            str(spec.seed),
-            profile.name,
-            device_name(),
+        key = _row_key(
+            {
+                "dataset": data.name,
+                "protocol": data.split,
+                "model": model_class_name(spec.model_config),
+                "config": spec.model_config,
+                "seed": spec.seed,
+                "profile": profile.name,
+                "device": device_name(),
+            }
         )
         if key in done and not args.force:
             print(f"[{index}/{len(specs)}] skip {spec.run_id}: already in {args.results_dir / (data.name + '.csv')}")
