@@ -107,25 +107,37 @@ def plot(summary: polars.DataFrame, plots_dir: Path) -> list[Path]:
     return written
 
 
+def leaderboard(results_dir: Path = Path("results"), dataset: str | None = None, profile: str | None = None) -> str:
+    """Render ``results_dir/LEADERBOARD.md`` and the plots; returns the Markdown.
+
+    Args:
+        results_dir: the directory holding ``<dataset>.csv`` files.
+        dataset: only this dataset's sections.
+        profile: only this profile's sections.
+    """
+    table = load_results(results_dir)
+    if dataset:
+        table = table.filter(polars.col("dataset") == dataset)
+    if profile:
+        table = table.filter(polars.col("profile") == profile)
+    if table.height == 0:
+        raise SystemExit("no rows match the filters")
+    summary = summarise(table)
+    markdown = render_markdown(summary)
+    atomic_write_text(results_dir / "LEADERBOARD.md", markdown)
+    plots = plot(summary, results_dir / "plots")
+    print(markdown)
+    print(f"wrote {results_dir / 'LEADERBOARD.md'} and {len(plots)} plot(s) in {results_dir / 'plots'}")
+    return markdown
+
+
 def leaderboard_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="recbench leaderboard")
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--profile", default=None)
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     args = parser.parse_args(list(argv))
-    table = load_results(args.results_dir)
-    if args.dataset:
-        table = table.filter(polars.col("dataset") == args.dataset)
-    if args.profile:
-        table = table.filter(polars.col("profile") == args.profile)
-    if table.height == 0:
-        raise SystemExit("no rows match the filters")
-    summary = summarise(table)
-    markdown = render_markdown(summary)
-    atomic_write_text(args.results_dir / "LEADERBOARD.md", markdown)
-    plots = plot(summary, args.results_dir / "plots")
-    print(markdown)
-    print(f"wrote {args.results_dir / 'LEADERBOARD.md'} and {len(plots)} plot(s) in {args.results_dir / 'plots'}")
+    leaderboard(args.results_dir, args.dataset, args.profile)
 
 
 # ---------------------------------------------------------------------- paired comparison
@@ -175,31 +187,39 @@ def _run_cases(results_dir: Path, run_id: str) -> polars.DataFrame:
     return polars.read_parquet(path)
 
 
-def compare_main(argv: Sequence[str]) -> None:
+def compare(
+    run_or_config: str,
+    dataset: str,
+    profile: str = "quick",
+    seed: int = 1,
+    results_dir: Path = Path("results"),
+    work_dir: Path = Path("runs/bench"),
+) -> None:
+    """Place a run among the stored rows of its dataset/protocol/profile, with paired tests.
+
+    Args:
+        run_or_config: a run id in ``results_dir/runs``, or a model config (name or YAML) to train now.
+        dataset: data short name or YAML.
+        profile: the profile to train under and compare within.
+        seed: the seed of a run trained now.
+        results_dir: stored rows and run directories.
+        work_dir: checkpoints and logs of a run trained now.
+    """
     from benchmark.run import RunSpec, load_profile, model_config_for, run_one
 
-    parser = argparse.ArgumentParser(prog="recbench compare")
-    parser.add_argument("run_or_config", help="a run id in results/runs, or a model config (name or YAML) to train now")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--profile", default="quick")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
-    args = parser.parse_args(list(argv))
-
-    if (args.results_dir / "runs" / args.run_or_config / "metrics.json").exists():
-        new_row = json.loads((args.results_dir / "runs" / args.run_or_config / "metrics.json").read_text())
+    if (results_dir / "runs" / run_or_config / "metrics.json").exists():
+        new_row = json.loads((results_dir / "runs" / run_or_config / "metrics.json").read_text())
     else:
-        profile = load_profile(args.profile)
-        spec = RunSpec(args.dataset, model_config_for(args.run_or_config, profile), args.seed, profile)
-        metrics_file = args.results_dir / "runs" / spec.run_id / "metrics.json"
+        loaded_profile = load_profile(profile)
+        spec = RunSpec(dataset, model_config_for(run_or_config, loaded_profile), seed, loaded_profile)
+        metrics_file = results_dir / "runs" / spec.run_id / "metrics.json"
         if metrics_file.exists():
             print(f"using the stored run {spec.run_id}")
             new_row = json.loads(metrics_file.read_text())
         else:
-            new_row = run_one(spec, args.results_dir, args.work_dir, {}, {})
-    new_cases = _run_cases(args.results_dir, str(new_row["run_id"]))
-    table = load_results(args.results_dir).filter(
+            new_row = run_one(spec, results_dir, work_dir, {}, {})
+    new_cases = _run_cases(results_dir, str(new_row["run_id"]))
+    table = load_results(results_dir).filter(
         (polars.col("dataset") == new_row["dataset"])
         & (polars.col("protocol") == new_row["protocol"])
         & (polars.col("profile") == new_row["profile"])
@@ -227,7 +247,7 @@ def compare_main(argv: Sequence[str]) -> None:
             continue
         same_seed = group.filter(polars.col("seed") == str(new_row["seed"]))
         stored_row = (same_seed if same_seed.height else group).row(0, named=True)
-        stored_cases = _run_cases(args.results_dir, stored_row["run_id"])
+        stored_cases = _run_cases(results_dir, stored_row["run_id"])
         joined = new_cases.join(stored_cases, on="case", suffix="_stored")
         if joined.height != new_cases.height:
             print(f"{config_name:<28} cases differ ({joined.height} shared of {new_cases.height}); skipped")
@@ -237,3 +257,15 @@ def compare_main(argv: Sequence[str]) -> None:
             print(f"{config_name:<28} {metric:<10} {result.mean_new:>7.4f} {result.mean_stored:>7.4f} "
                   f"{result.mean_difference:>+8.4f} {result.effect_size_dz:>+7.3f} {result.t_pvalue:>9.2e} "
                   f"{result.bootstrap_pvalue:>9.4f}")
+
+
+def compare_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="recbench compare")
+    parser.add_argument("run_or_config", help="a run id in results/runs, or a model config (name or YAML) to train now")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args(list(argv))
+    compare(args.run_or_config, args.dataset, args.profile, args.seed, args.results_dir, args.work_dir)

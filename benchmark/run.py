@@ -456,25 +456,38 @@ def existing_keys(results_dir: Path, dataset_name: str) -> set[tuple[str, ...]]:
     return {_row_key(row) for row in read_rows(results_dir / f"{dataset_name}.csv")}
 
 
-def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="recbench bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="synthetic", help="data short name or YAML (default: synthetic)")
-    parser.add_argument("--models", default=None, help="comma-separated model configs (default: every base model)")
-    parser.add_argument("--seeds", default="1", help="comma-separated seeds")
-    parser.add_argument("--profile", default="quick", help="smoke, quick, paper or a profile YAML")
-    parser.add_argument("--force", action="store_true", help="rerun and replace rows that exist")
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="checkpoints and logs")
-    args, extra = parser.parse_known_args(list(argv))
-    trainer_overrides = _parse_overrides(_pair(extra, "--trainer."), "--trainer.")
-    data_overrides = _parse_overrides(_pair(extra, "--data."), "--data.")
-    profile = load_profile(args.profile)
-    models = args.models.split(",") if args.models else default_models()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
-    data = instantiate_data(args.dataset, **data_overrides)
+def bench(
+    dataset: str = "synthetic",
+    models: Sequence[str] | None = None,
+    seeds: Sequence[int] = (1,),
+    profile: str = "quick",
+    force: bool = False,
+    results_dir: Path = Path("results"),
+    work_dir: Path = Path("runs/bench"),
+    trainer_overrides: dict[str, object] | None = None,
+    data_overrides: dict[str, object] | None = None,
+) -> list[dict[str, object]]:
+    """Fit and test every (model config, seed) on ``dataset`` under ``profile``; one row each.
+
+    Args:
+        dataset: data short name or YAML.
+        models: model configs (default: every base model).
+        seeds: seeds to run.
+        profile: smoke, quick, paper or a profile YAML.
+        force: rerun and replace rows that exist.
+        results_dir: where rows and run directories are written.
+        work_dir: checkpoints and logs.
+        trainer_overrides: Trainer keyword arguments that replace the profile's.
+        data_overrides: datamodule ``init_args`` that replace the data config's.
+    """
+    trainer_overrides = dict(trainer_overrides or {})
+    data_overrides = dict(data_overrides or {})
+    loaded_profile = load_profile(profile)
+    model_names = list(models) if models else default_models()
+    data = instantiate_data(dataset, **data_overrides)
     # Decided once, before any run: under DDP every process re-executes this and must agree.
-    done = existing_keys(args.results_dir, data.name)
-    specs = [RunSpec(args.dataset, model_config_for(m, profile), s, profile) for m in models for s in seeds]
+    done = existing_keys(results_dir, data.name)
+    specs = [RunSpec(dataset, model_config_for(m, loaded_profile), s, loaded_profile) for m in model_names for s in seeds]
     started = time.perf_counter()
     rows = []
     for index, spec in enumerate(specs, 1):
@@ -485,19 +498,43 @@ def main(argv: Sequence[str]) -> None:
                 "model": model_class_name(spec.model_config),
                 "config": spec.model_config,
                 "seed": spec.seed,
-                "profile": profile.name,
+                "profile": loaded_profile.name,
                 "device": device_name(),
             }
         )
-        if key in done and not args.force:
-            print(f"[{index}/{len(specs)}] skip {spec.run_id}: already in {args.results_dir / (data.name + '.csv')}")
+        if key in done and not force:
+            print(f"[{index}/{len(specs)}] skip {spec.run_id}: already in {results_dir / (data.name + '.csv')}")
             continue
         print(f"[{index}/{len(specs)}] {spec.run_id}")
-        row = run_one(spec, args.results_dir, args.work_dir, trainer_overrides, data_overrides, args.force)
+        row = run_one(spec, results_dir, work_dir, trainer_overrides, data_overrides, force)
         if row:
             rows.append(row)
             print(summary_line(row), flush=True)
     print(f"bench finished: {len(rows)} runs in {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="recbench bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="synthetic", help="data short name or YAML (default: synthetic)")
+    parser.add_argument("--models", default=None, help="comma-separated model configs (default: every base model)")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds")
+    parser.add_argument("--profile", default="quick", help="smoke, quick, paper or a profile YAML")
+    parser.add_argument("--force", action="store_true", help="rerun and replace rows that exist")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="checkpoints and logs")
+    args, extra = parser.parse_known_args(list(argv))
+    bench(
+        dataset=args.dataset,
+        models=args.models.split(",") if args.models else None,
+        seeds=[int(seed) for seed in args.seeds.split(",")],
+        profile=args.profile,
+        force=args.force,
+        results_dir=args.results_dir,
+        work_dir=args.work_dir,
+        trainer_overrides=_parse_overrides(_pair(extra, "--trainer."), "--trainer."),
+        data_overrides=_parse_overrides(_pair(extra, "--data."), "--data."),
+    )
 
 
 def _pair(extra: Sequence[str], prefix: str) -> list[str]:
