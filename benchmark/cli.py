@@ -1,27 +1,97 @@
-"""The ``recbench`` command.
+"""The ``recbench`` command: one dispatcher, one convention (jsonargparse) for every subcommand.
 
-- ``recbench fit|validate|test|predict``: LightningCLI over any model and datamodule. ``--model`` and
-  ``--data`` take a config path or a short name from ``benchmark/configs/{model,data}/``
-  (``--model sasrec --data beauty``). ``num_items`` and ``max_len`` are linked from the datamodule,
-  never typed twice. The trainer defaults (early stopping and checkpointing on ``val/ndcg@10``) come
-  from ``benchmark/configs/trainer/default.yaml``.
-- ``recbench data stats|prepare DATASET``: dataset statistics and cache preparation.
+- ``fit|validate|test|predict``: LightningCLI (:mod:`benchmark.lightning_cli`);
+- ``bench|compare|leaderboard``: command lines built from the typed functions
+  :func:`benchmark.run.bench`, :func:`benchmark.leaderboard.compare` and
+  :func:`benchmark.leaderboard.leaderboard` (:mod:`benchmark.function_cli`);
+- ``data``: dataset statistics, preparation, semantic IDs and checksum verification.
+
+Every subcommand's module is imported only when it runs: ``recbench --help`` imports neither torch
+nor Lightning (several seconds), and ``recbench leaderboard`` needs neither.
+:func:`main` is a thin wrapper around :func:`dispatch`, the place for process-wide error handling.
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from lightning.pytorch.cli import LightningCLI
+from benchmark.registry import resolve_config
 
-from benchmark.registry import CONFIG_DIR, resolve_config
-from recbench.data import SeqRecDataModule
-from recbench.model import SeqRecModel
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one line of help, and what runs it with the remaining arguments."""
+
+    name: str
+    summary: str
+    run: Callable[[list[str]], None]
+
+
+def _lightning(subcommand: str) -> Callable[[list[str]], None]:
+    def run(argv: list[str]) -> None:
+        from benchmark.lightning_cli import lightning_main
+
+        lightning_main([subcommand, *argv])
+
+    return run
+
+
+def _bench(argv: list[str]) -> None:
+    from benchmark.function_cli import bench_command
+
+    bench_command(argv)
+
+
+def _compare(argv: list[str]) -> None:
+    from benchmark.function_cli import compare_command
+
+    compare_command(argv)
+
+
+def _leaderboard(argv: list[str]) -> None:
+    from benchmark.function_cli import leaderboard_command
+
+    leaderboard_command(argv)
+
+
+def _data(argv: list[str]) -> None:
+    if argv and argv[0] == "verify":
+        from benchmark.data_verify import main as verify_main
+
+        verify_main(argv[1:])
+        return
+    from benchmark.data_commands import main as data_main
+
+    data_main(argv)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("fit", "train a model on a dataset (LightningCLI; early stopping on val/ndcg@10)", _lightning("fit")),
+    Command("validate", "evaluate a checkpoint on the validation cases (LightningCLI)", _lightning("validate")),
+    Command("test", "evaluate a checkpoint on the test cases (LightningCLI)", _lightning("test")),
+    Command("predict", "top-k recommendations from a checkpoint (LightningCLI)", _lightning("predict")),
+    Command("bench", "fit and test model configs x seeds under a profile; one stored row per run", _bench),
+    Command("compare", "train or load a run and rank it against stored rows, with paired tests", _compare),
+    Command("leaderboard", "render stored rows as mean ± std per model (Markdown and plots)", _leaderboard),
+    Command("data", "dataset statistics, cache preparation, semantic IDs, checksum verification", _data),
+)
+COMMAND_NAMES = tuple(command.name for command in COMMANDS)
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMAND_NAMES)
+    lines = [
+        "usage: recbench COMMAND [options]   (recbench COMMAND --help for a command's options)",
+        "",
+        "A benchmark suite for sequential and generative recommendation on PyTorch Lightning.",
+        "Every command takes --config FILE and --print_config (data: --help).",
+        "",
+        "commands:",
+        *(f"  {command.name:<{width}}  {command.summary}" for command in COMMANDS),
+    ]
+    return "\n".join(lines)
 
 
 def expand_short_names(argv: Sequence[str]) -> list[str]:
@@ -42,62 +112,22 @@ def expand_short_names(argv: Sequence[str]) -> list[str]:
     return expanded
 
 
-class RecBenchCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.link_arguments("data.num_items", "model.init_args.num_items", apply_on="instantiate")
-        parser.link_arguments("data.max_len", "model.init_args.max_len", apply_on="instantiate")
-
-    def after_fit(self) -> None:
-        checkpoint = self.trainer.checkpoint_callback
-        best = getattr(checkpoint, "best_model_path", "")
-        if best:
-            if self.trainer.is_global_zero:
-                print(f"best checkpoint ({checkpoint.monitor}={float(checkpoint.best_model_score):.5f}): {best}")
-            return
-        # Lightning checkpoints only after optimiser steps; a counting model (popularity) never
-        # steps, so save its fitted state explicitly for `recbench test`.
-        directory = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else Path(self.trainer.log_dir or ".")
-        final = directory / "final.ckpt"
-        self.trainer.save_checkpoint(final)
-        if self.trainer.is_global_zero:
-            print(f"no optimiser step was taken; fitted state saved to {final}")
-
-
-def lightning_main(argv: Sequence[str]) -> None:
-    trainer_defaults = {"default_config_files": [str(CONFIG_DIR / "trainer" / "default.yaml")]}
-    with warnings.catch_warnings():
-        # We pass the rewritten argv on purpose; Lightning warns when sys.argv is also non-empty.
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        RecBenchCLI(
-            SeqRecModel,
-            SeqRecDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            args=expand_short_names(argv),
-            parser_kwargs={command: trainer_defaults for command in LIGHTNING_SUBCOMMANDS},
-            save_config_kwargs={"overwrite": True},
-        )
+def dispatch(argv: Sequence[str]) -> None:
+    """Run the subcommand ``argv[0]`` with the rest of ``argv``."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        if not argv:
+            raise SystemExit(2)
+        return
+    command = next((command for command in COMMANDS if command.name == argv[0]), None)
+    if command is None:
+        raise SystemExit(f"recbench: unknown command {argv[0]!r}; expected one of {', '.join(COMMAND_NAMES)}")
+    command.run(argv[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "data":
-        from benchmark.data_commands import main as data_main
-
-        data_main(argv[1:])
-        return
-    if argv and argv[0] == "bench":
-        from benchmark.run import main as bench_main
-
-        bench_main(argv[1:])
-        return
-    if argv and argv[0] in ("leaderboard", "compare"):
-        from benchmark import leaderboard
-
-        (leaderboard.leaderboard_main if argv[0] == "leaderboard" else leaderboard.compare_main)(argv[1:])
-        return
-    lightning_main(argv)
+    dispatch(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,18 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars
-from scipy import stats
 
-from benchmark.run import METRIC_COLUMNS, atomic_write_text, device_slug, read_rows
+# Only torch-free modules at import time: `recbench leaderboard` must start in well under two
+# seconds, and benchmark.run (torch, Lightning) alone takes several. tests/test_cli.py checks this.
+from benchmark.store import atomic_write_text, device_slug, read_rows
 
 BOARD_COLUMNS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10")
 # Rows are only ever averaged or ranked within one dataset, protocol, profile and device: the quick
@@ -42,7 +41,10 @@ def load_results(results_dir: Path) -> polars.DataFrame:
     if not frames:
         raise FileNotFoundError(f"no result CSVs in {results_dir}; run `recbench bench` first")
     table = polars.concat(frames, how="diagonal")
-    numeric = [*METRIC_COLUMNS, "train_seconds", "test_users_per_second", "parameters", "seconds_per_epoch"]
+    # Metric columns are exactly those named `<metric>@<k>[...]` (benchmark.run.METRIC_COLUMNS and
+    # their `_excl` twins); matching the name keeps this module free of torch.
+    metrics = [column for column in table.columns if "@" in column]
+    numeric = [*metrics, "train_seconds", "test_users_per_second", "parameters", "seconds_per_epoch"]
     return table.with_columns(polars.col(c).cast(polars.Float64, strict=False) for c in numeric)
 
 
@@ -131,15 +133,6 @@ def leaderboard(results_dir: Path = Path("results"), dataset: str | None = None,
     return markdown
 
 
-def leaderboard_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="recbench leaderboard")
-    parser.add_argument("--dataset", default=None)
-    parser.add_argument("--profile", default=None)
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    args = parser.parse_args(list(argv))
-    leaderboard(args.results_dir, args.dataset, args.profile)
-
-
 # ---------------------------------------------------------------------- paired comparison
 @dataclass(frozen=True)
 class PairedTest:
@@ -160,6 +153,8 @@ def paired_test(new: np.ndarray, stored: np.ndarray, metric: str, resamples: int
     centred, resampled with replacement, and p = share of resampled means at least as extreme as the
     observed one.
     """
+    from scipy import stats  # imported here: it costs a second that `recbench leaderboard` never needs
+
     if new.shape != stored.shape or new.ndim != 1 or len(new) < 2:
         raise ValueError(f"need two equal-length per-case vectors with >= 2 cases, got {new.shape} and {stored.shape}")
     difference = new - stored
@@ -257,15 +252,3 @@ def compare(
             print(f"{config_name:<28} {metric:<10} {result.mean_new:>7.4f} {result.mean_stored:>7.4f} "
                   f"{result.mean_difference:>+8.4f} {result.effect_size_dz:>+7.3f} {result.t_pvalue:>9.2e} "
                   f"{result.bootstrap_pvalue:>9.4f}")
-
-
-def compare_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="recbench compare")
-    parser.add_argument("run_or_config", help="a run id in results/runs, or a model config (name or YAML) to train now")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--profile", default="quick")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
-    args = parser.parse_args(list(argv))
-    compare(args.run_or_config, args.dataset, args.profile, args.seed, args.results_dir, args.work_dir)

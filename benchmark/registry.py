@@ -2,17 +2,20 @@
 
 Short names resolve to ``benchmark/configs/<kind>/<name>.yaml``; any other value is a path.
 Instantiation goes through jsonargparse, so unknown keys and wrong types are errors.
+
+Name look-ups (:func:`resolve_config`, :func:`config_names`, :func:`require_config`) import neither
+torch nor Lightning: ``recbench --help`` and ``recbench leaderboard`` use them and must start fast.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jsonargparse import ArgumentError, ArgumentParser
-
-from recbench.data import SeqRecDataModule
-from recbench.model import SeqRecModel
+if TYPE_CHECKING:
+    from recbench.data import SeqRecDataModule
+    from recbench.model import SeqRecModel
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -41,10 +44,19 @@ class ConfigError(ValueError):
     """A config that cannot be resolved or instantiated; names the file and the reason."""
 
 
-def _instantiate(group: str, base: type, name_or_path: str, init_args: dict[str, object]) -> object:
-    path = resolve_config(group, name_or_path)
+def require_config(kind: str, name_or_path: str) -> str:
+    """The YAML path of a short name or path; :class:`ConfigError` (one line, listing the valid
+    names) when there is none, so a typo fails before any data is read or model is built."""
+    path = resolve_config(kind, name_or_path)
     if not Path(path).is_file():
-        raise ConfigError(f"unknown {group} {name_or_path!r}: expected a YAML path or one of {', '.join(config_names(group))}")
+        raise ConfigError(f"unknown {kind} {name_or_path!r}: expected a YAML path or one of {', '.join(config_names(kind))}")
+    return path
+
+
+def _instantiate(group: str, base: type, name_or_path: str, init_args: dict[str, object]) -> object:
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    path = require_config(group, name_or_path)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base, group, required=True)
     try:
@@ -56,10 +68,14 @@ def _instantiate(group: str, base: type, name_or_path: str, init_args: dict[str,
 
 def instantiate_data(name_or_path: str, **init_args: object) -> SeqRecDataModule:
     """Build a datamodule from a short name or YAML, with ``init_args`` overriding the file."""
+    from recbench.data import SeqRecDataModule
+
     return _instantiate("data", SeqRecDataModule, name_or_path, init_args)  # type: ignore[return-value]
 
 
 def instantiate_model(name_or_path: str, num_items: int, max_len: int, **init_args: object) -> SeqRecModel:
     """Build a model from a short name or YAML; ``num_items`` and ``max_len`` come from the data."""
+    from recbench.model import SeqRecModel
+
     args = {"num_items": num_items, "max_len": max_len, **init_args}
     return _instantiate("model", SeqRecModel, name_or_path, args)  # type: ignore[return-value]

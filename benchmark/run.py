@@ -22,21 +22,18 @@ profile where it exists. Trainer options pass through (``--trainer.strategy ddp
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
-import fcntl
 import hashlib
 import io
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -47,9 +44,10 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
-from lightning.pytorch.loggers import CSVLogger
 
+from benchmark.loggers import LoggerSpec
 from benchmark.registry import CONFIG_DIR, config_names, instantiate_data, instantiate_model, resolve_config
+from benchmark.store import atomic_write_text, device_slug, locked, read_rows
 from recbench.data import SeqRecDataModule
 from recbench.metrics import metric_names
 from recbench.model import SELECTION_METRIC, SeqRecModel
@@ -142,41 +140,8 @@ def default_models() -> list[str]:
 
 
 # ---------------------------------------------------------------------- the CSV store
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def _row_key(row: dict[str, object]) -> tuple[str, ...]:
     return tuple(str(row[column]) for column in KEY_COLUMNS)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 def append_row(path: Path, row: dict[str, object], replace: bool = False) -> None:
@@ -270,11 +235,6 @@ def device_name() -> str:
     return f"{cpu} ({os.cpu_count()} cores)"
 
 
-def device_slug(device: str) -> str:
-    """A file-name form of :func:`device_name`: ``"AMD EPYC (2 cores)"`` -> ``"amd-epyc-2-cores"``."""
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -321,7 +281,8 @@ def run_one(
             epoch_log,
             timer,
         ],
-        "logger": CSVLogger(run_dir, name="logs", version=""),
+        # CSV unless the overrides name another logger (`recbench bench --trainer.logger ...`).
+        "logger": LoggerSpec.csv(work_dir),
         "check_val_every_n_epoch": profile.check_val_every_n_epoch,
         "num_sanity_val_steps": 0,
         "enable_model_summary": False,
@@ -329,6 +290,9 @@ def run_one(
     if profile.limit_train_batches is not None:
         options["limit_train_batches"] = profile.limit_train_batches
     options.update(trainer_overrides)
+    if isinstance(options["logger"], LoggerSpec):
+        # Built here, once per run, so that two runs of one bench never share a log directory.
+        options["logger"] = options["logger"].build(spec.run_id)
     trainer = pl.Trainer(**options)  # type: ignore[arg-type]
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = last.exists() and not force
@@ -431,22 +395,6 @@ def summary_line(row: dict[str, object]) -> str:
     )
 
 
-def _parse_overrides(items: Sequence[str], prefix: str) -> dict[str, object]:
-    """``--trainer.devices 2`` style pairs (already split) into a dict with YAML-typed values."""
-    out: dict[str, object] = {}
-    it = iter(items)
-    for item in it:
-        if not item.startswith(prefix):
-            raise ValueError(f"unexpected argument {item!r}")
-        key, _, value = item[len(prefix) :].partition("=")
-        if not _:
-            value = next(it, None)
-            if value is None:
-                raise ValueError(f"{item} needs a value")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def model_class_name(model_config: str) -> str:
     """The class a model config names, without building the model."""
     return str(yaml.safe_load(Path(resolve_config("model", model_config)).read_text())["class_path"]).rsplit(".", 1)[-1]
@@ -512,43 +460,3 @@ def bench(
             print(summary_line(row), flush=True)
     print(f"bench finished: {len(rows)} runs in {time.perf_counter() - started:.0f} s")
     return rows
-
-
-def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="recbench bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="synthetic", help="data short name or YAML (default: synthetic)")
-    parser.add_argument("--models", default=None, help="comma-separated model configs (default: every base model)")
-    parser.add_argument("--seeds", default="1", help="comma-separated seeds")
-    parser.add_argument("--profile", default="quick", help="smoke, quick, paper or a profile YAML")
-    parser.add_argument("--force", action="store_true", help="rerun and replace rows that exist")
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="checkpoints and logs")
-    args, extra = parser.parse_known_args(list(argv))
-    bench(
-        dataset=args.dataset,
-        models=args.models.split(",") if args.models else None,
-        seeds=[int(seed) for seed in args.seeds.split(",")],
-        profile=args.profile,
-        force=args.force,
-        results_dir=args.results_dir,
-        work_dir=args.work_dir,
-        trainer_overrides=_parse_overrides(_pair(extra, "--trainer."), "--trainer."),
-        data_overrides=_parse_overrides(_pair(extra, "--data."), "--data."),
-    )
-
-
-def _pair(extra: Sequence[str], prefix: str) -> list[str]:
-    """Pick ``--prefix.key value`` and ``--prefix.key=value`` items out of unparsed arguments."""
-    picked: list[str] = []
-    index = 0
-    while index < len(extra):
-        item = extra[index]
-        if item.startswith(prefix):
-            picked.append(item)
-            if "=" not in item and index + 1 < len(extra):
-                picked.append(extra[index + 1])
-                index += 1
-        elif item.startswith("--") and not item.startswith(("--trainer.", "--data.")):
-            raise SystemExit(f"recbench bench: unknown option {item}")
-        index += 1
-    return picked
