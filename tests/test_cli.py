@@ -50,3 +50,87 @@ def test_fit_then_test_prints_metrics(tmp_path: Path) -> None:
     test = _recbench("test", "--model", "sasrec", "--data", "synthetic_tiny", "--ckpt_path", str(best), cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-2000:]
     assert "test/ndcg@10" in test.stdout and "test/recall@20" in test.stdout
+
+
+# ---------------------------------------------------------------------- one convention for every command
+def test_help_lists_every_subcommand_without_importing_torch(tmp_path: Path) -> None:
+    result = _recbench("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert listed == ["fit", "validate", "test", "predict", "bench", "compare", "leaderboard", "data"]
+    # `recbench --help` and `recbench leaderboard` must start fast: neither imports torch.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, benchmark.cli, benchmark.leaderboard, benchmark.function_cli, "
+         "benchmark.data_verify; print(sorted(m for m in ('torch', 'lightning', 'scipy') if m in sys.modules))"],
+        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+
+
+def _command(name: str):
+    from benchmark.leaderboard import compare, leaderboard
+    from benchmark.run import bench
+
+    return {"bench": bench, "compare": compare, "leaderboard": leaderboard}[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("bench", ["--dataset", "synthetic_tiny", "--models", "popularity,sasrec", "--seeds", "1,2", "--profile",
+                   "smoke", "--trainer.enable_progress_bar", "false", "--trainer.logger",
+                   "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.max_time", "00:00:10:00",
+                   "--data_overrides", "{batch_size: 32}"]),
+        ("compare", ["sasrec_h128", "--dataset", "beauty", "--seed", "3"]),
+        ("leaderboard", ["--dataset", "beauty", "--profile", "quick"]),
+    ],
+)
+def test_print_config_fed_back_resolves_the_same_arguments(
+    name: str, argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmark.function_cli import function_arguments, parse
+
+    function = _command(name)
+    with pytest.raises(SystemExit) as printed:
+        parse(function, f"recbench {name}", [*argv, "--print_config"])
+    assert printed.value.code in (0, None)
+    config = tmp_path / "config.yaml"
+    config.write_text(capsys.readouterr().out)
+    parser, direct = parse(function, f"recbench {name}", argv)
+    reparser, fed_back = parse(function, f"recbench {name}", ["--config", str(config)])
+    expected = function_arguments(function, parser, direct)
+    assert function_arguments(function, reparser, fed_back) == expected
+    if name == "bench":
+        assert expected["models"] == ["popularity", "sasrec"] and expected["seeds"] == [1, 2]
+        overrides = expected["trainer_overrides"]
+        assert overrides["logger"].class_path.endswith("TensorBoardLogger")
+        assert overrides["enable_progress_bar"] is False and "max_epochs" not in overrides
+        assert expected["data_overrides"] == {"batch_size": 32}
+
+
+def test_trainer_options_are_typed(tmp_path: Path) -> None:
+    from benchmark.function_cli import parse
+    from benchmark.run import bench
+
+    with pytest.raises(SystemExit):
+        parse(bench, "recbench bench", ["--trainer.max_epochs", "many"])
+    with pytest.raises(SystemExit):
+        parse(bench, "recbench bench", ["--trainer.no_such_option", "1"])
+
+
+def test_unknown_model_name_is_one_line_listing_the_valid_names(tmp_path: Path) -> None:
+    result = _recbench("bench", "--dataset", "synthetic_tiny", "--profile", "smoke", "--models", "sasrc", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "'sasrc'" in lines[0] and "sasrec" in lines[0] and "popularity" in lines[0] and "tiger" in lines[0]
+
+
+def test_short_names_work_inside_config_files(tmp_path: Path) -> None:
+    config = tmp_path / "fit.yaml"
+    config.write_text("model: sasrec\ndata: synthetic_tiny\ntrainer:\n  max_epochs: 3\n")
+    result = _recbench("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: baselines.sasrec.SASRec" in result.stdout
+    assert "class_path: datamodules.synthetic.SyntheticDataModule" in result.stdout
+    assert "max_epochs: 3" in result.stdout

@@ -48,7 +48,7 @@ def test_smoke_bench_writes_complete_rows_and_skips_done_runs(tmp_path: Path) ->
         assert float(row["recall@5"]) <= float(row["recall@10"]) <= float(row["recall@20"])
         assert row["profile"] == "smoke" and row["protocol"] == "leave_one_out" and row["world_size"] == "1"
         run = tmp_path / "results" / "runs" / row["run_id"]
-        assert {p.name for p in run.iterdir()} == {"config.json", "metrics.json", "cases.parquet"}
+        assert {p.name for p in run.iterdir()} == {"config.json", "config.yaml", "metrics.json", "cases.parquet"}
     assert "sasrec" in rows[1]["run_id"] and int(rows[1]["parameters"]) > 0
     again = _bench(tmp_path, "--profile", "smoke", "--models", "popularity", "--seeds", "1")
     assert "skip" in again.stdout and len(read_rows(tmp_path / "results" / "synthetic-x0.02.csv")) == 2
@@ -153,3 +153,31 @@ def test_rows_from_two_devices_are_two_runs_and_never_averaged(tmp_path: Path) -
                                                                    "parameters"))
     summary = {row["device"]: (row["seeds"], row["ndcg@10"]) for row in summarise(table).iter_rows(named=True)}
     assert summary == {"cpu A": (1, pytest.approx(0.1)), "gpu B": (2, pytest.approx(0.4))}
+
+
+@pytest.fixture(scope="module")
+def tensorboard_bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One smoke bench with the TensorBoard logger, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("tensorboard-bench")
+    result = _bench(tmp_path, "--profile", "smoke", "--models", "sasrec", "--seeds", "1",
+                    "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return tmp_path
+
+
+def test_bench_with_the_tensorboard_logger_writes_event_files(tensorboard_bench: Path) -> None:
+    (row,) = read_rows(tensorboard_bench / "results" / "synthetic-x0.02.csv")
+    events = list((tensorboard_bench / "runs" / "bench" / row["run_id"]).glob("version_*/events.out.tfevents.*"))
+    assert events and all(path.stat().st_size > 0 for path in events)
+    assert not list(tensorboard_bench.glob("runs/bench/**/metrics.csv")), "the CSV logger ran as well"
+
+
+def test_a_saved_run_config_reruns_to_the_same_row(tensorboard_bench: Path) -> None:
+    (row,) = read_rows(tensorboard_bench / "results" / "synthetic-x0.02.csv")
+    config = tensorboard_bench / "results" / "runs" / row["run_id"] / "config.yaml"
+    assert "TensorBoardLogger" in config.read_text()
+    rerun = _bench(tensorboard_bench, "--config", str(config), "--results_dir", "again", "--work_dir", "again-runs")
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    (again,) = read_rows(tensorboard_bench / "again" / "synthetic-x0.02.csv")
+    for column in (*KEY_COLUMNS, *METRIC_COLUMNS, "epochs", "best_epoch", "config_hash", "data_fingerprint"):
+        assert again[column] == row[column], column
