@@ -2,8 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel; override (e.g. TORCH_SPEC='torch>=2.9') on a machine with a CUDA build available.
+# torch is pinned so that every stored row ran on one version. pip takes it from the configured
+# indexes, so which build arrives depends on them: PyPI's Linux x86_64 wheel of torch 2.13.0 is the
+# CUDA build (several GB); a machine whose pip config has a local CPU wheel (2.13.0+cpu) gets that.
+#   CPU build from PyTorch's index:  make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#   CUDA build for your driver:      make install TORCH_INDEX=https://download.pytorch.org/whl/cu126
+#                                    (cu118, cu126, cu128, ...: see pytorch.org/get-started)
+#   a torch you already have in the system Python (any >= 2.9, e.g. a cluster's CUDA build):
+#                                    make install TORCH_SPEC='torch>=2.9' VENV_FLAGS=--system-site-packages
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+VENV_FLAGS ?=
+# dev brings pytest, ruff and tensorboard (the tests run a TensorBoard bench).
 EXTRAS ?= faiss-cpu,dev
 DATASET ?= synthetic
 MODELS ?=
@@ -14,9 +24,9 @@ export RECBENCH_DATA_DIR ?= $(abspath ../shared/data)
 .PHONY: install test test-data test-full bench leaderboard lint
 
 install:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 
 test:
@@ -35,4 +45,4 @@ leaderboard:
 	$(VENV)/bin/recbench leaderboard
 
 lint:
-	$(VENV)/bin/ruff check recbench datamodules baselines benchmark tests
+	$(VENV)/bin/ruff check recbench datamodules baselines benchmark tests examples
