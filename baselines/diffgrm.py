@@ -1,4 +1,5 @@
-"""DiffGRM: masked discrete diffusion over parallel semantic-ID digits (MODELS.md §6, §7.1, §8, §9).
+"""DiffGRM: masked discrete diffusion over parallel semantic-ID digits, after the paper (arXiv
+2510.21805) and its reference code (liuzhao09/DiffGRM, ``genrec/models/DIFF_GRM``).
 
 An item is an ``n``-digit semantic ID (SID) from Parallel Semantic Encoding (PSE: PCA 256 with
 whitening, L2, OPQ, PQ ``n`` x 256; :func:`recbench.semantic_ids.fit_parallel_pq`, fitted on training
@@ -6,7 +7,7 @@ items only). The digits are parallel (one PQ sub-space each), so the model predi
 order: a bidirectional decoder over the ``n`` digit positions, conditioned on the history through
 cross-attention, fills masked digits.
 
-Network (MODELS.md §6.3)
+Network (reference ``model.py``)
 ------------------------
 * One shared token table ``E`` of ``1 + n·K`` rows (row 0 = PAD; digit ``d``'s code ``c`` is row
   ``1 + d·K + c``) serves the history, the decoder input and the output (tied).
@@ -25,7 +26,7 @@ Network (MODELS.md §6.3)
   takes its query rows from the decoder and its key/value rows from the encoder output), output
   projections have a bias; init N(0, 0.02) for every Linear/Embedding, zero biases.
 
-Training: on-policy coherent noising (OCN, §6.4)
+Training: on-policy coherent noising (OCN, reference ``DIFF_GRM.forward``)
 -----------------------------------------------
 ``masking="guided"`` (the paper): the decoder, in eval mode and without gradient, scores the fully
 masked target; digits are ordered by confidence (``msp`` = max softmax probability, or ``entropy``
@@ -35,14 +36,14 @@ encoder pass. Loss: label-smoothed cross-entropy over masked positions only, sum
 divided by the number of masked positions. Ablations: ``sequential`` (nested views along a random
 permutation per sample) and ``random`` (independent Bernoulli masks, at least one digit masked).
 
-Optimisation (§6.4): AdamW, linear warm-up over ``warmup_steps`` optimiser steps (expressed in steps,
+Optimisation: AdamW, linear warm-up over ``warmup_steps`` optimiser steps (expressed in steps,
 as in the reference; at batch 1024 the reference's 10k steps are ~90 Beauty epochs), then cosine decay
 to 0 at ``decay_steps`` (default: the trainer's estimated total steps, i.e. ``max_epochs`` x steps per
 epoch as in the reference). Gradient-norm clipping at ``gradient_clip_val`` (default 1.0) is done by
 the model (``configure_gradient_clipping``), so it holds under any trainer; a ``Trainer(
 gradient_clip_val=...)`` overrides it.
 
-Decoding: confidence-guided parallel denoising (CPD, §6.5)
+Decoding: confidence-guided parallel denoising (CPD, reference ``beam.py:iterative_mask_decode``)
 ----------------------------------------------------------
 :func:`cpd_beam_search`, batched over users x beams: step 0 keeps the top ``beam`` (digit, code)
 pairs of the fully masked state; steps ``1 .. n-2`` keep the global top ``beam`` over beams x unfilled
@@ -55,14 +56,14 @@ keeping the best score, colliding keys expanded to all their items in ascending 
 (``SemanticIDs.expand_to_items``), and the top ``k`` ITEMS returned: metrics are item-level.
 
 The beam width is ``test_beam`` while a Trainer tests or predicts and ``val_beam`` otherwise
-(validation, sanity check, direct calls without ``beam=``). The reference uses 32 / 256 (§9.3: the
+(validation, sanity check, direct calls without ``beam=``). The reference uses 32 / 256 (val / test: the
 model is then selected under a different decoder than the one tested); both widths are recorded in
 ``run_notes``, and ``benchmark/perf/diffgrm_speed.py`` times both.
 
-Deviations from the reference, all deliberate (MODELS.md §6.6, §9)
+Deviations from the reference, all deliberate
 ------------------------------------------------------------------
 * Cross-attention masks padded history rows (the reference lets them absorb attention mass).
-* Item-level evaluation with collisions expanded (the reference compares SID tuples, §9.1); the
+* Item-level evaluation with collisions expanded (the reference compares SID tuples); the
   list is never padded by repeating an item: missing slots are 0 and count as misses.
 * The token table has 1 + n·K rows (PAD + digit codes); the reference's unused BOS/EOS rows are
   dropped (they never receive a gradient there, so this changes nothing but the parameter count).
@@ -74,7 +75,7 @@ Deviations from the reference, all deliberate (MODELS.md §6.6, §9)
 * Warm-up factor ``(step + 1) / warmup_steps`` instead of ``step / warmup_steps``, so the first
   optimiser step is not a no-op.
 * Training pairs come from the shared pipeline (every position of the training prefix is a target,
-  history truncated to the last ``max_len`` items; §1.3 recommendation) instead of the reference's
+  history truncated to the last ``max_len`` items; the shared pipeline) instead of the reference's
   ``min_hist = 2`` / dropped-target windows. Histories are left-padded; positions are re-indexed from
   the mask so that index 0 is the oldest kept item, as with the reference's right padding.
 * ``guided_refresh_each_step`` (re-scoring after each masked digit) and the LLaDA-weighted random
@@ -305,7 +306,7 @@ def cpd_beam_search(
     merge_duplicate_beams: bool = False,
     device: torch.device | str = "cpu",
 ) -> BeamResult:
-    """Confidence-guided parallel denoising beam (MODELS.md §6.5), batched over users x beams.
+    """Confidence-guided parallel denoising (CPD) beam, batched over users x beams.
 
     The only Python loop is over the ``n - 1`` filling steps. Per step, the network is called once
     on every (user, beam) state (``log_probs_fn``), and the next beams are one ``topk`` per user
@@ -323,7 +324,7 @@ def cpd_beam_search(
             differs from ``confidence``.
         fixed_order: permutation of ``0..n-1`` for ``decode_order="fixed"``.
         merge_duplicate_beams: merge beams that reach the same partial SID through different fill
-            orders, keeping the best score (MODELS.md §8; frees beam slots, so results may change).
+            orders, keeping the best score (frees beam slots, so results may change).
             Exact: at step s a state has at most s + 1 parents, so the top ``beam`` distinct
             states are among the top ``beam·(s + 1)`` candidates.
         device: where the states live.
@@ -459,7 +460,7 @@ class DiffGRM(SeqRecModel):
         label_smoothing: epsilon of the per-digit cross-entropy.
         val_beam, test_beam: CPD beam width for validation and direct calls / for test and predict.
         decode_order, fixed_digit_order: ``confidence`` (the paper) or ``fixed`` (ablation).
-        merge_duplicate_beams: merge equal partial beams (MODELS.md §8), off by default.
+        merge_duplicate_beams: merge equal partial beams (frees beam slots), off by default.
         beam_chunk_rows: at most this many (user x beam) rows are decoded at once.
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up length in optimiser steps.

@@ -1,31 +1,33 @@
-"""DreamRec (Yang et al., NeurIPS 2023) as specified in MODELS.md §5: guided Gaussian diffusion that
+"""DreamRec (Yang et al., NeurIPS 2023; code: YangZhengyi98/DreamRec): guided Gaussian diffusion that
 generates an "oracle item" embedding, then retrieves the nearest real items.
 
 The system, with ``d`` the width, ``E`` the item table ``(N + 1, d)`` and ``∅`` a learned null vector:
 
-1. **History encoder** (:class:`FaithfulTEnc`, MODELS.md §5.2): one SASRec-style block with one head,
+1. **History encoder** (:class:`FaithfulTEnc`, ref. ``Tenc``): one SASRec-style block with one head,
    pooled at the last real position, giving ``h`` ``(B, d)``.
 2. **Denoiser** ``f(x_i, c, i)`` predicts ``x0`` from the noisy vector ``x_i``, a condition ``c``
-   (``h`` or ``∅``) and a time embedding ``temb_i = MLP(sinusoid(i))`` (§5.3):
+   (``h`` or ``∅``) and a time embedding ``temb_i = MLP(sinusoid(i))`` (``Tenc.forward``):
    ``mlp1``: ``f = W [x_i; c; temb_i] + b`` (one linear layer), ``mlp2``: ``Linear(3d, 2d) -> GELU ->
    Linear(2d, d)``.
-3. **Training** (§5.5): ``x0 = sg(E[target])`` (the same table as the encoder input; ``sg`` = stop
+3. **Training**: ``x0 = sg(E[target])`` (the same table as the encoder input; ``sg`` = stop
    the gradient, see below), ``h`` replaced by ``∅`` with probability ``p`` per row
    (classifier-free-guidance dropout),
    ``i ~ U{0..T-1}``, ``x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps`` and
    ``loss = mean ||x0 - f(x_i, h, i)||^2`` (``GaussianDiffusion.training_loss``).
-4. **Sampling** (§5.6): DDPM ancestral sampling over all ``T`` steps with the guided prediction
+4. **Sampling**: DDPM ancestral sampling over all ``T`` steps with the guided prediction
    ``x̂0 = (1 + w) f(x_i, h, i) - w f(x_i, ∅, i)``; ``h`` without CFG dropout, modules in eval mode.
-5. **Retrieval** (§5.7): the generated ``x0`` scores items by ``x0 · E[j]`` through
+5. **Retrieval**: the generated ``x0`` scores items by ``x0 · E[j]`` through
    :class:`~recbench.retrieval.ItemIndex` (faiss when installed); PAD is never returned.
 
-Fixes of the reference (MODELS.md §9), each one a plain improvement unless an option says otherwise:
-evaluation runs in eval mode (no dropout at test time, §9.2); PAD is masked (§9.3); no evaluation
-case is dropped (§9.4, the base class evaluates every batch); the checkpoint is selected on
-validation NDCG@10 (§9.1, the shared trainer config). **Changes results, hence options** (both
+Fixes of flaws in the reference code, each one a plain improvement unless an option says otherwise:
+evaluation runs in eval mode (the reference never calls ``eval()``, so dropout stays on at test
+time); PAD is masked (the reference can recommend the padding row); no evaluation case is dropped
+(the reference skips the last partial batch; the base class evaluates every batch); the checkpoint
+is selected on validation NDCG@10 (the reference prints test every 10 epochs and selects nothing;
+the shared trainer config). **Changes results, hence options** (both
 recorded in the hyper-parameters of every result row):
 
-- ``stop_target_gradient`` (default True; the reference: False, MODELS.md §9.8). With the target
+- ``stop_target_gradient`` (default True; the reference: False). With the target
   ``x0 = E[y]`` trainable, the MSE is lowered by shrinking the targets themselves: measured on
   YooChoose (rc15 subset, T = 500, lr 1e-3, H100), the mean norm of validation targets fell from 8.1
   to 2.3 in 12 epochs while rarely trained items kept norm about 8, so the dot-product search
@@ -33,12 +35,12 @@ recorded in the hyper-parameters of every result row):
   synthetic set (lr 5e-3) it never rose above 0.0002. With ``x0 = sg(E[y])`` the table only learns
   through the encoder, target norms stay at about 8, and NDCG@10 rose steadily (YooChoose 0.074 ->
   0.217, synthetic 0.053 -> 0.381 over the same epochs).
-- ``item_scope`` (§5.8b). Items that never occur in training keep their ``N(0, 1)`` initial norm
+- ``item_scope``. Items that never occur in training keep their ``N(0, 1)`` initial norm
   (about ``sqrt(d) = 8``) while trained items move, so a dot-product search over all items returns
   untrained items. ``item_scope="trained"`` (default) retrieves only among items of the training
   split; ``"all"`` is the reference behaviour.
 
-Exact speed-ups (MODELS.md §8; same outputs for the same noise, up to float rounding):
+Exact speed-ups (same outputs for the same noise, up to float rounding):
 
 - the whole evaluation batch is one chain (the state is only ``B x d``; make ``eval_batch_size``
   large, results do not depend on it, see *Noise* below);
@@ -67,7 +69,7 @@ global RNG that Lightning seeds.
 Data conventions: histories are left-padded with 0 (the reference right-pads with id N), so the
 pooled "last real position" is index ``L - 1``; positions are counted from the oldest real item, as
 in the reference's right-padded layout. With an empty history (all padding; it does not occur under
-leave-one-out or in our session split) the pooled state is ``LN3(0)``, as in the reference (§5.2.6).
+leave-one-out or in our session split) the pooled state is ``LN3(0)``, as in the reference.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ REFERENCE_MASK_FILL = -(2.0**32) + 1
 
 
 class FaithfulTEnc(nn.Module):
-    r"""DreamRec's history encoder ("T-enc", MODELS.md §5.2) with the reference's quirks kept.
+    r"""DreamRec's history encoder ("T-enc", ``Tenc.cacu_h``) with the reference's quirks kept.
 
     For embedded items ``X0 = E[S]`` ``(B, L, d)`` and the real-item mask ``m`` ``(B, L)``:
 
@@ -207,7 +209,7 @@ class DreamRec(SeqRecModel):
         max_len: history length L (linked from the data); sizes the position table.
         hidden_size: d (even, >= 4: the sinusoidal time embedding needs it).
         timesteps: T, the number of diffusion steps.
-        beta_schedule: ``linear``, ``cosine``, ``exp`` or ``sqrt`` (MODELS.md §5.4).
+        beta_schedule: ``linear``, ``cosine``, ``exp`` or ``sqrt`` (the reference's ``*_beta_schedule``).
         beta_start: first beta of the linear schedule.
         beta_end: last beta of the linear schedule.
         guidance_weight: w in ``(1 + w) f(x, h) - w f(x, ∅)``.
@@ -216,7 +218,7 @@ class DreamRec(SeqRecModel):
         stop_target_gradient: diffuse ``sg(E[target])`` (default) instead of the trainable
             ``E[target]`` of the reference (False), see the module docstring.
         denoiser: ``mlp1`` (one linear layer, every README command) or ``mlp2``.
-        encoder: ``faithful`` (the reference's T-enc, §5.2); the only option so far.
+        encoder: ``faithful`` (the reference's T-enc); the only option so far.
         sampler: ``ddpm`` (exact, all T steps) or ``ddim`` (strided, approximate).
         ddim_steps: S, the DDIM steps (``sampler="ddim"`` only).
         ddim_eta: DDIM's eta (0 deterministic given the start; 1 with S = T equals DDPM).
@@ -286,7 +288,7 @@ class DreamRec(SeqRecModel):
         self.retrieval_backend: Backend = retrieval_backend
 
         d = hidden_size
-        # One table: encoder input, diffusion target and retrieval keys (§5.5).
+        # One table: encoder input, diffusion target and retrieval keys (as in the reference).
         self.item_embedding = nn.Embedding(num_items + 1, d)
         nn.init.normal_(self.item_embedding.weight, 0.0, 1.0)
         self.null_condition = nn.Parameter(torch.randn(d))  # ∅, learned
@@ -331,10 +333,10 @@ class DreamRec(SeqRecModel):
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: Batch) -> Tensor:
-        """x0-prediction MSE (MODELS.md §5.5) on (history, target) pairs."""
+        """x0-prediction MSE (the reference's ``diffusion.p_losses``) on (history, target) pairs."""
         self.clear_sampling_cache()  # the weights are about to change
         x0 = self.item_embedding(batch[TARGET])  # (B, d)
-        if self.stop_target_gradient:  # the reference lets the loss shrink its own targets (§9.8)
+        if self.stop_target_gradient:  # the reference lets the loss shrink its own targets
             x0 = x0.detach()
         h = self.cfg_dropout(self.condition(batch[HISTORY]))  # (B, d)
 
@@ -345,7 +347,7 @@ class DreamRec(SeqRecModel):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        # The table is a diffusion target (without stop-gradient in the reference, §9.8): watch its scale.
+        # The table is a diffusion target (without stop-gradient in the reference): watch its scale.
         with torch.no_grad():
             norms = self.item_embedding.weight.norm(dim=1)  # (N + 1,)
             trained = self.train_items.clone()

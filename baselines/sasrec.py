@@ -1,9 +1,10 @@
-"""SASRec (Kang & McAuley, ICDM 2018) as specified in MODELS.md §3.
+"""SASRec (Kang & McAuley, ICDM 2018), after the paper and its widely used
+PyTorch port (pmixer/SASRec.pytorch).
 
 Causal self-attention over the left-padded history; the hidden state at position t scores item j by
 ``F_t · E[j]`` with the output layer tied to the input item table.
 
-Choices (MODELS.md §3.1-3.2):
+Choices:
 
 - pre-LN blocks (``norm_first``), LayerNorm eps 1e-8, FFN inner width = d with ReLU, a final
   LayerNorm; padded positions masked as keys and zeroed at the output;

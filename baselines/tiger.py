@@ -1,8 +1,10 @@
-"""TIGER-style generative retrieval (Rajput et al., NeurIPS 2023) as specified in MODELS.md §4.
+"""TIGER-style generative retrieval (Rajput et al., NeurIPS 2023, arXiv
+2305.05065), after the paper and the re-implementations GRID (snap-research/GRID) and AR_GRM
+(liuzhao09/DiffGRM).
 
 Two stages, with ``n`` digits per semantic ID (SID), ``K`` codes per digit and ``d`` the width:
 
-1. **Item side** (§4.1, §4.4; DESIGN.md §4). Item text -> sentence embeddings
+1. **Item side** (one sentence encoder for every semantic-ID model). Item text -> sentence embeddings
    (:func:`recbench.item_side.item_embeddings_for`; collaborative co-occurrence embeddings where a
    dataset has no text, or when ``embedding_source="collaborative"``) -> residual k-means with
    ``levels`` x ``codebook_size`` codes plus a collision digit (default 3 x 256 + 1, so ``n = 4``
@@ -10,7 +12,7 @@ Two stages, with ``n`` digits per semantic ID (SID), ``K`` codes per digit and `
    (:func:`recbench.item_side.semantic_ids_for`, cached on disk). The codes are a persistent buffer
    ``sid_codes`` ``(N + 1, n)``, so a checkpoint decodes without the data or the cache; the lookup
    tables (:class:`~recbench.semantic_ids.SemanticIDs`) are rebuilt lazily from it.
-2. **Sequence model** (§4.2, §4.4): a pre-LN transformer encoder-decoder
+2. **Sequence model**: a pre-LN transformer encoder-decoder
    (:class:`~recbench.nn.TransformerBlock`, ReLU FFN).
 
    * Vocabulary: one token per (digit, code), ``1 + t * K + c`` (per-digit offsets into one shared
@@ -32,7 +34,7 @@ Two stages, with ``n`` digits per semantic ID (SID), ``K`` codes per digit and `
      per-digit bias.
    * Loss: cross-entropy averaged over the ``n`` digits, optional ``label_smoothing``.
 
-3. **Decoding** (§4.3, §2; DESIGN.md §3-4): :func:`beam_search`, batched over users x beams, a
+3. **Decoding**: :func:`beam_search`, batched over users x beams, a
    loop over the ``n`` digits only. At every digit the log-probabilities (log-softmax over all
    ``K`` codes, *not* renormalised over the allowed ones, so a beam's score is the model's joint
    log-probability of the ID) of codes that extend the prefix to no real item are set to
@@ -71,9 +73,9 @@ then cosine to 0 over the run, AR_GRM). Note that torch's Adafactor already scal
 then inverse square root" (the TIGER paper's schedule), so do not stack ``inverse_sqrt`` on it.
 
 Deviations from TIGER, all deliberate: no user tokens (above); residual k-means instead of the
-RQ-VAE (§4.1's "cheaper exact alternative"); the same sentence encoder as every other SID model
-(DESIGN.md §4) rather than Sentence-T5; pre-LN with learned absolute positions rather than T5's
-relative position buckets.
+RQ-VAE (cheaper, and still one unique ID per item); the same sentence encoder as every other SID
+model (all-MiniLM-L6-v2 offline by default; ``text_encoder``) rather than Sentence-T5; pre-LN with
+learned absolute positions rather than T5's relative position buckets.
 """
 
 from __future__ import annotations

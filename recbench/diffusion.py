@@ -3,10 +3,10 @@
 Schedules, forward processes and samplers live here; networks live in ``baselines/``. A sampler
 never owns a network: it receives a callable and only calls it. This module has two sections:
 
-* **Gaussian diffusion** (DreamRec, MODELS.md §5.3-5.6): beta schedules, the forward process
+* **Gaussian diffusion** (DreamRec): beta schedules, the forward process
   ``q(x_i | x_0)``, the x0-prediction training loss, DDPM ancestral sampling, strided DDIM, and
   classifier-free guidance (CFG) helpers.
-* **Masked discrete diffusion** (DiffGRM, MODELS.md §6.4): a target of ``n`` discrete positions
+* **Masked discrete diffusion** (DiffGRM): a target of ``n`` discrete positions
   (semantic-ID digits) is noised by masking positions; helpers build the masked *views* a
   denoiser trains on (nested views from a confidence or random order, Bernoulli views), score
   positions by confidence, and compute the masked-position loss. The DiffGRM network and its
@@ -14,7 +14,7 @@ never owns a network: it receives a callable and only calls it. This module has 
 
 Conventions
 -----------
-Diffusion steps are indexed ``i = 0 .. T-1`` (``T`` = ``num_timesteps``), as in MODELS.md §5.4:
+Diffusion steps are indexed ``i = 0 .. T-1`` (``T`` = ``num_timesteps``), as in DreamRec:
 ``alpha_i = 1 - beta_i``, ``abar_i = prod_{j<=i} alpha_j`` and ``abar_{-1} := 1`` (so the last
 reverse step ``i = 0`` returns ``x0_hat`` itself). All schedule arithmetic is done in float64 on
 the CPU and cast once to the working dtype, so float32 buffers carry no accumulated cumprod error.
@@ -50,7 +50,7 @@ noise whose row ``r`` is a pure function of ``(seed, key_r, draw number)``. With
 does not depend on the batch it shares (batch size, order, DDP rank), which is what an evaluation
 needs to be reproducible across batch sizes and process counts. The draw order above is the same.
 
-Exact speed-ups (MODELS.md §8, DreamRec)
+Exact speed-ups (DreamRec)
 -----------------------------------------
 "Exact" means: same outputs given the same noise, up to float rounding (a matmul over a batch of
 a different size may round differently). Which ones this module provides or enables:
@@ -110,7 +110,7 @@ def beta_schedule(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
 ) -> Tensor:
-    r"""Noise schedule ``beta_i``, ``i = 0 .. T-1``, exactly as MODELS.md §5.4 (DreamRec).
+    r"""Noise schedule ``beta_i``, ``i = 0 .. T-1``, exactly as DreamRec's ``*_beta_schedule`` functions.
 
     Computed and **returned in float64** on the CPU (``GaussianDiffusion`` casts once, after all
     products and square roots, so float32 buffers inherit no cumprod error).
@@ -121,7 +121,7 @@ def beta_schedule(
       for ``u = 0..T``, normalised by ``abar(0)``; ``beta_i = 1 - abar(i+1)/abar(i)`` clipped to
       ``[1e-4, 0.9999]``. (The upper clip makes ``abar_{T-1}`` about 6e-11 at ``T = 2000``.)
     * ``"exp"`` (VP-SDE-like, ``beta_min = 0.1``, ``beta_max = 10``): with the reference's grid
-      ``x = linspace(1, 2T+1, T)`` (step ``2T/(T-1)``, not 2: a faithful quirk, MODELS.md §9.7),
+      ``x = linspace(1, 2T+1, T)`` (step ``2T/(T-1)``, not 2: a faithful quirk of the reference),
       ``beta_i = 1 - exp(-beta_min/T - x_i (beta_max - beta_min) / (2 T^2))``.
       For ``T = 500``: ``beta`` from 2.2e-4 to 0.0198, ``abar_{T-1}`` about 0.0064.
     * ``"sqrt"``: ``abar(u) = 1 - sqrt(u + 1e-4)``; ``beta_i = min(1 - abar((i+1)/T)/abar(i/T),
@@ -452,7 +452,7 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
-        r"""DreamRec's x0-prediction objective (MODELS.md §5.5).
+        r"""DreamRec's x0-prediction objective (``diffusion.p_losses``).
 
         ``t ~ Uniform{0..T-1}`` per row, ``eps ~ N(0, I)``,
         ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, and
@@ -462,7 +462,7 @@ class GaussianDiffusion(nn.Module):
             denoiser: ``(x_t (B, *D), cond (B, ...), t (B,)) -> x0_hat (B, *D)``. CFG dropout
                 of ``cond`` is the caller's business (it is a property of the model).
             x0: clean targets ``(B, *D)``; gradients flow into it (DreamRec's item table is a
-                target without stop-gradient, MODELS.md §9.8; detach it yourself if you want).
+                target without stop-gradient; detach it yourself if you want).
             cond: the condition, passed through untouched.
             t: steps ``(B,)``; drawn uniformly when None.
             generator: RNG for ``t`` and ``noise``; None uses the global RNG (as Lightning's
@@ -506,7 +506,7 @@ def ddpm_sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    r"""DDPM ancestral sampling over all ``T`` steps (MODELS.md §5.6), x0-parameterised.
+    r"""DDPM ancestral sampling over all ``T`` steps (DreamRec's ``diffusion.sample``), x0-parameterised.
 
     ``x_{T-1} ~ N(0, I)``; for ``i = T-1, ..., 0``::
 
@@ -605,7 +605,7 @@ def ddim_sample(
     ``x_{T-1}``. The last update always has ``abar_s = 1``, hence ``sigma = 0`` and returns
     ``x0_hat``.
 
-    Approximate unless ``S = T`` and ``eta = 1``; label results accordingly (MODELS.md §8).
+    Approximate unless ``S = T`` and ``eta = 1``; label results accordingly.
 
     Args:
         diffusion: the schedule.
@@ -704,7 +704,7 @@ def classifier_free_x0(
 
 
 def sinusoidal_time_embedding(t: Tensor, dim: int) -> Tensor:
-    r"""DreamRec's sinusoidal step embedding (MODELS.md §5.3), float32.
+    r"""DreamRec's sinusoidal step embedding (``SinusoidalPositionEmbeddings``), float32.
 
     ``half = dim / 2``; ``f_k = exp(-k ln(10000) / (half - 1))`` for ``k = 0 .. half-1``;
     output ``[sin(t f), cos(t f)]`` (all sines first, then all cosines).

@@ -6,10 +6,10 @@ values ``0 .. codebook_sizes[d] - 1``. Three tokenizers build them from an item-
 sequences) and then applied to all items 1..N:
 
 * :func:`fit_residual_kmeans` - TIGER-style residual k-means (3 x 256), plus an optional
-  collision digit that makes every ID unique (MODELS.md §4.1, §4.4);
+  collision digit that makes every ID unique (TIGER, arXiv 2305.05065);
 * :func:`fit_rqvae` - the original TIGER RQ-VAE (small MLP autoencoder + residual codebooks);
 * :func:`fit_parallel_pq` - DiffGRM's parallel semantic encoding: PCA + whitening, L2, OPQ, PQ
-  into independent sub-spaces (MODELS.md §6.1). Collisions are not resolved by default; they are
+  into independent sub-spaces (DiffGRM). Collisions are not resolved by default; they are
   expanded into all colliding items at decode time (:meth:`SemanticIDs.expand_to_items`).
 
 :class:`SemanticIDs` holds the codes and precomputed lookup tables as plain tensors (a model
@@ -560,7 +560,7 @@ def fit_residual_kmeans(
     seed: int = 0,
     niter: int = 20,
 ) -> SemanticIDs:
-    """Residual k-means semantic IDs (MODELS.md §4.1 "cheaper exact alternative").
+    """Residual k-means semantic IDs (a cheaper alternative to TIGER's RQ-VAE).
 
     Level l runs faiss k-means (``niter`` Lloyd iterations, seed ``seed + l``) with
     ``codebook_size`` centres on the level-l residuals of the **training items only**; every item
@@ -671,7 +671,7 @@ def fit_rqvae(
     collision_digit: bool = True,
     seed: int = 0,
 ) -> SemanticIDs:
-    """TIGER's RQ-VAE tokenizer (MODELS.md §4.1), compact, on the CPU.
+    """TIGER's RQ-VAE tokenizer, compact, on the CPU.
 
     Encoder MLP D -> 512 -> 256 -> 128 -> 32 (ReLU), mirrored decoder, ``levels`` residual
     codebooks of ``codebook_size`` x 32, initialised by k-means on the first batch's residuals.
@@ -737,7 +737,7 @@ def fit_parallel_pq(
     collision_digit: bool = False,
     seed: int = 0,
 ) -> SemanticIDs:
-    """DiffGRM's parallel semantic encoding (MODELS.md §6.1), equivalent to faiss's
+    """DiffGRM's parallel semantic encoding (``_generate_semantic_id_opq``), equivalent to faiss's
     ``OPQ{n},IVF1,PQ{n}x8`` with the inner-product metric, written out step by step:
 
     1. PCA fitted on the training items (float64 SVD, component signs fixed so the largest

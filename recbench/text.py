@@ -3,7 +3,7 @@
 Two sources of item embeddings feed the semantic-ID tokenizers (``recbench.semantic_ids``):
 
 * **text** (Amazon, Steam metadata): :func:`item_sentences` builds one sentence per item following
-  the DiffGRM/TIGER recipe (MODELS.md §1.2); :func:`encode_items` runs a sentence-transformers
+  the DiffGRM/TIGER recipe; :func:`encode_items` runs a sentence-transformers
   model on them; :func:`cached_item_embeddings` does both and caches the result on disk.
 * **collaborative** (datasets without item text, e.g. the Steam ``setrec`` set):
   :func:`collaborative_item_embeddings` factorises the training item-item co-occurrence matrix.
@@ -11,7 +11,7 @@ Two sources of item embeddings feed the semantic-ID tokenizers (``recbench.seman
 Either way the result is an :class:`ItemEmbeddings` whose ``source`` string is meant to be written
 into every result row, so that a number is never separated from what it was computed from.
 
-Sentence recipe (MODELS.md §1.2, extended with the Steam fields):
+Sentence recipe (DiffGRM's, extended with the Steam fields):
 
 * fields in one fixed order, :data:`TEXT_FIELDS`, whatever order the caller lists them in;
 * every non-empty field becomes ``"<Label>: <value>."``; the parts are joined by one space;
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # only annotations use polars here, so semantic_ids can impor
 log = logging.getLogger(__name__)
 
 # Canonical order of the text fields in a sentence and their labels. title / price / brand /
-# categories / description follow the DiffGRM order (MODELS.md §1.2, which also names the label
+# categories / description follow the DiffGRM order (whose code also names the label
 # "Category"); title_fragment (the only title Sports has here) takes the title's place and label;
 # genres and tags (Steam) sit after categories, which they resemble; description stays last.
 TEXT_FIELDS: tuple[str, ...] = (

@@ -1,7 +1,7 @@
 """Tests for recbench.diffusion (Gaussian section). Fast, CPU only.
 
 Reference values are computed independently here with plain ``math``/``numpy`` from the formulas
-in MODELS.md §5.3-5.6, not by calling the code under test.
+in DreamRec's reference code (YangZhengyi98/DreamRec, ``DreamRec.py``), not by calling the code under test.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_cosine_schedule_hand_formula() -> None:
         mid = T // 2
         assert b[mid] == pytest.approx(1 - abar(mid + 1, T) / abar(mid, T), rel=1e-12)
         assert b.min() >= 1e-4 and b.max() <= 0.9999
-    # MODELS.md §5.4: T = 2000 ends clipped at 0.9999, giving abar_{T-1} about 6e-11.
+    # DreamRec's schedules: T = 2000 ends clipped at 0.9999, giving abar_{T-1} about 6e-11.
     b = beta_schedule("cosine", 2000).numpy()
     assert b[-1] == pytest.approx(0.9999)
     assert _np_abar(b)[-1] == pytest.approx(6.06e-11, rel=0.01)
@@ -199,7 +199,7 @@ def test_training_loss() -> None:
     loss = d.training_loss(lambda x, c, t: torch.zeros_like(x), x0, cond)
     torch.testing.assert_close(loss, (x0**2).mean())
     loss.backward()
-    assert x0.grad is not None  # no stop-gradient on the target (MODELS.md §9.8)
+    assert x0.grad is not None  # no stop-gradient on the target (as in the DreamRec reference)
 
     # Seeded t and noise are reproducible; the denoiser sees x_t = q_sample(x0, t, noise).
     seen: list[tuple[Tensor, Tensor]] = []

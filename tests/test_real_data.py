@@ -1,7 +1,7 @@
 """The real data under ``$RECBENCH_DATA_DIR`` (marker ``data``): exact published statistics.
 
-Run with ``RECBENCH_DATA_DIR=/path/to/shared/data pytest -m data tests/test_real_data.py``. Every
-number asserted here is the one the data README states (or, for the Steam games file, the one the
+Run with ``RECBENCH_DATA_DIR=/path/to/data pytest -m data tests/test_real_data.py``. Every
+number asserted here is the one docs/data.md states (or, for the Steam games file, the one the
 file itself has); a test skips, saying which files it looked for, when they are absent.
 """
 
