@@ -86,7 +86,7 @@ def usage() -> str:
         "usage: recbench COMMAND [options]   (recbench COMMAND --help for a command's options)",
         "",
         "A benchmark suite for sequential and generative recommendation on PyTorch Lightning.",
-        "fit ... leaderboard take --config FILE and --print_config (LightningCLI style).",
+        "Every command but data takes --config FILE and --print_config, as LightningCLI does.",
         "",
         "commands:",
         *(f"  {command.name:<{width}}  {command.summary}" for command in COMMANDS),
