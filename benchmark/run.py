@@ -46,6 +46,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import tempfile
 import time
@@ -206,16 +207,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def append_row(path: Path, row: dict[str, object], replace: bool = False) -> None:
+def append_row(path: Path, row: dict[str, object], replace: bool = False) -> list[dict[str, str]]:
     """Add ``row`` to the CSV under an exclusive lock, atomically; a duplicate key is an error
-    unless ``replace``."""
+    unless ``replace``. Returns the rows it replaced."""
     missing = set(ROW_COLUMNS) - set(row)
     if missing:
         raise ValueError(f"row lacks columns {sorted(missing)}")
     with locked(path):
         rows = read_rows(path)
         key = _row_key(row)
-        if any(_row_key(existing) == key for existing in rows):
+        replaced = [existing for existing in rows if _row_key(existing) == key]
+        if replaced:
             if not replace:
                 raise ValueError(f"{path}: a row for {dict(zip(KEY_COLUMNS, key, strict=True))} exists already")
             rows = [existing for existing in rows if _row_key(existing) != key]
@@ -226,6 +228,7 @@ def append_row(path: Path, row: dict[str, object], replace: bool = False) -> Non
             writer.writerow({column: existing.get(column, "") for column in ROW_COLUMNS})
         writer.writerow({column: "" if row[column] is None else row[column] for column in ROW_COLUMNS})
         atomic_write_text(path, buffer.getvalue())
+    return replaced
 
 
 # ---------------------------------------------------------------------- one run
@@ -499,7 +502,10 @@ def run_one(
     with tempfile.NamedTemporaryFile(dir=out, suffix=".parquet.tmp", delete=False) as handle:
         cases.write_parquet(handle.name)
     os.replace(handle.name, out / "cases.parquet")
-    append_row(results_dir / f"{data.name}.csv", row, replace=force)
+    for old in append_row(results_dir / f"{data.name}.csv", row, replace=force):
+        # A replaced row's per-case values and config describe a run that no longer has a row.
+        if old["run_id"] != run_id:
+            shutil.rmtree(results_dir / "runs" / old["run_id"], ignore_errors=True)
     return row
 
 

@@ -79,7 +79,8 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     assert seeds == list(range(25)) + list(range(100, 125))
     with pytest.raises(ValueError, match="exists already"):
         append_row(path, _row(3))
-    append_row(path, {**_row(3), "notes": "replaced"}, replace=True)
+    (old,) = append_row(path, {**_row(3), "notes": "replaced"}, replace=True)
+    assert old["seed"] == "3" and old["notes"] == ""
     assert [r["notes"] for r in read_rows(path) if r["seed"] == "3"] == ["replaced"]
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
