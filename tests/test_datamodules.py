@@ -657,15 +657,16 @@ def test_second_prepare_is_a_cache_hit_and_source_changes_change_the_key(tmp_pat
     assert warm.seconds < 0.05
     assert warm.cache_path == cold.cache_path
     sequences = tmp_path / "pre" / "sequences.txt"
-    # Same size, later mtime: still a new key (the fingerprint includes mtimes).
+    # Same content, later mtime: the same key (the key hashes contents, not times); it is a hit.
     stat = sequences.stat()
     os.utime(sequences, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     fresh = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
-    assert fresh.cache_path != cold.cache_path
+    assert str(fresh.cache_path) == cold.cache_path
+    assert prepare(fresh).cache_hit
     write_text(sequences, "1 1 2\n2 3 4\n")
     changed = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
     report = prepare(changed)
-    assert not report.cache_hit and report.cache_path not in (cold.cache_path, fresh.cache_path)
+    assert not report.cache_hit and report.cache_path != cold.cache_path
     assert changed.meta["interactions"] == 4
 
 
@@ -925,3 +926,148 @@ def test_hostile_values_are_located_errors(tmp_path: Path, case: str, line: int,
     assert_located(error, path, line, reason)
     assert str(error.value).isprintable(), "no binary bytes in the message"
 
+
+def test_duplicates_are_kept_and_counted(tmp_path: Path) -> None:
+    """Item 7: exact duplicate events and repeated raw item ids are kept, counted and shown."""
+    reviews = write_gz(
+        tmp_path / "raw" / "reviews_Beauty_5.json.gz",
+        [review("A", "P", 1), review("A", "P", 1), review("A", "Q", 2), review("A", "P", 3), review("B", "Q", 2)],
+    )
+    write_gz(tmp_path / "raw" / "meta_Beauty.json.gz", ["{'asin': 'P'}", "{'asin': 'Q'}"])
+    dm = AmazonDataModule("beauty", "official", str(reviews.parent), cache_dir=str(tmp_path / "c"))
+    _, _, meta = prepared(dm)
+    assert meta["interactions"] == 5  # kept
+    assert meta["duplicates"] == {
+        "exact duplicate interactions (same user, item and order as another row; kept)": 1,
+        "repeat interactions (the user's item seen before, exact duplicates included; kept)": 2,
+        "items sharing a raw id with an earlier item (kept)": 0,
+    }
+    dm.setup()
+    text = format_stats(dm.stats(), dm.split_counts, None)
+    assert "duplicates (kept):" in text
+    assert "1  exact duplicate interactions" in text
+
+    pre = _amazon_pre(
+        tmp_path / "pre", "1 1 2 1\n2 2 2\n", [{"item": 1, "asin": "X"}, {"item": 2, "asin": "X"}]
+    )
+    _, items, meta = prepared(pre)
+    assert items.height == 2
+    assert meta["duplicates"] == {
+        "exact duplicate interactions (same user, item and order as another row; kept)": 0,
+        "repeat interactions (the user's item seen before, exact duplicates included; kept)": 2,
+        "items sharing a raw id with an earlier item (kept)": 1,
+    }
+
+    clicks = write_text(
+        tmp_path / "y" / "clicks-100k" / "train.tsv", "SessionId\tItemId\tTime\n1\t2\t3.0\n1\t2\t3.0\n1\t5\t4\n"
+    )
+    write_text(clicks.parent / "test.tsv", "SessionId\tItemId\tTime\n9\t2\t3.0\n")
+    yoo = YooChooseDataModule("clicks_tsv", data_dir=str(tmp_path / "y"), cache_dir=str(tmp_path / "c"))
+    _, _, meta = prepared(yoo)
+    assert meta["interactions"] == 4
+    assert meta["duplicates"]["exact duplicate interactions (same user, item and order as another row; kept)"] == 1
+
+
+# ---------------------------------------------------------------------- cache faults (issue 15)
+def _toys(tmp_path: Path) -> AmazonDataModule:
+    return AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
+
+
+def _damage(cache: Path, how: str) -> None:
+    interactions = cache / "interactions.parquet"
+    if how == "truncated_parquet":
+        data = interactions.read_bytes()
+        interactions.write_bytes(data[: len(data) // 2])
+    elif how == "fewer_rows":
+        polars.read_parquet(interactions).head(3).write_parquet(interactions)
+    elif how == "ids_beyond_n":
+        polars.read_parquet(interactions).with_columns(item=polars.col("item") + 100).write_parquet(interactions)
+    elif how == "meta_missing":
+        (cache / "meta.json").unlink()
+    elif how == "meta_garbage":
+        (cache / "meta.json").write_text("{not json")
+    elif how == "items_missing":
+        (cache / "items.parquet").unlink()
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated_parquet", "fewer_rows", "ids_beyond_n", "meta_missing", "meta_garbage", "items_missing"]
+)
+def test_damaged_cache_is_rebuilt(tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Item 3: a cache that does not verify is rebuilt (and the rebuild says why), never trusted."""
+    amazon_preprocessed(tmp_path / "pre")
+    first = _toys(tmp_path)
+    first.prepare_data()
+    expected = (first.meta["users"], first.meta["items"], first.meta["interactions"], first.fingerprint)
+    _damage(first.cache_path, how)
+    again = _toys(tmp_path)
+    with caplog.at_level("WARNING", logger="recbench.data"):
+        report = prepare(again)
+    assert not report.cache_hit
+    assert report.rebuilt_because is not None and "did not verify" in report.state
+    assert any("did not verify" in record.getMessage() for record in caplog.records)
+    assert again.cache_path == first.cache_path
+    again.setup()
+    stats = again.stats()
+    assert (stats.users, stats.items, stats.interactions, stats.fingerprint) == expected
+    assert prepare(_toys(tmp_path)).cache_hit  # verified now
+    leftovers = [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "no staging or stale directories are left behind"
+
+
+def test_same_size_edit_with_the_old_mtime_changes_the_cache_key(tmp_path: Path) -> None:
+    """Item 4: ``cp -p`` / ``rsync -t`` / ``tar`` keep size and mtime; the content hash still sees it."""
+    amazon_preprocessed(tmp_path / "pre")
+    sequences = tmp_path / "pre" / "sequences.txt"
+    old = _toys(tmp_path)
+    old.prepare_data()
+    old_path = old.cache_path  # a property: evaluated after the edit it would follow the new content
+    stat = sequences.stat()
+    # Same size, same inode, old mtime restored: what `cp -p` over an existing file does.
+    with open(sequences, "r+b") as handle:
+        handle.write(b"1 2 1 3\n2 3 1\n3 2 2 4 1\n")
+    os.utime(sequences, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = sequences.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    new = _toys(tmp_path)
+    assert new.cache_path != old_path
+    interactions, _, _ = prepared(new)
+    assert sequence_of(interactions, 1) == [2, 1, 3]
+    # The key covers contents, not names or places: a copy of the same files elsewhere shares it.
+    copy = tmp_path / "copy" / "pre"
+    copy.mkdir(parents=True)
+    for path in (sequences, tmp_path / "pre" / "items.jsonl"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    moved = AmazonDataModule("toys", "preprocessed", str(copy), cache_dir=str(tmp_path / "c"))
+    assert moved.cache_path == new.cache_path
+
+
+def _two_item_text_versions(tmp_path: Path) -> tuple[AmazonDataModule, AmazonDataModule]:
+    """The same interactions with two versions of one title (``Two`` -> ``Tw0``), both prepared."""
+    amazon_preprocessed(tmp_path / "pre")
+    a = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
+    a.prepare_data()
+    amazon_preprocessed(tmp_path / "pre2")
+    items = tmp_path / "pre2" / "items.jsonl"
+    write_text(items, items.read_text().replace('"title": "Two"', '"title": "Tw0"'))
+    b = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre2"), cache_dir=str(tmp_path / "c"))
+    b.prepare_data()
+    return a, b
+
+
+def test_fingerprint_covers_item_text(tmp_path: Path) -> None:
+    """Item 5: two item-text versions give two data fingerprints (rows can be told apart)."""
+    a, b = _two_item_text_versions(tmp_path)
+    assert (a.meta["interactions"], a.meta["items"]) == (b.meta["interactions"], b.meta["items"])
+    assert a.fingerprint != b.fingerprint
+
+
+def test_item_side_caches_are_keyed_by_the_data_fingerprint(tmp_path: Path) -> None:
+    """Item 5: embeddings and semantic IDs of one item-text version are never found for another."""
+    from recbench.item_side import item_side_cache_for
+
+    a, b = _two_item_text_versions(tmp_path)
+    assert item_side_cache_for(a) != item_side_cache_for(b)
+    assert b.fingerprint in item_side_cache_for(b).name
