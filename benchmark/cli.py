@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from benchmark.errors import reports_errors
 from benchmark.registry import CONFIG_DIR, resolve_config
 from recbench.data import SeqRecDataModule
 from recbench.model import SeqRecModel
@@ -80,6 +81,7 @@ def lightning_main(argv: Sequence[str]) -> None:
         )
 
 
+@reports_errors  # the project's errors as one message and an exit code; --debug shows tracebacks
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
