@@ -227,9 +227,15 @@ def plot(table: polars.DataFrame, plots_dir: Path, references: list[PublishedFig
                          and protocol == "leave_one_out"]
             for axis, metric in zip(axes, ("ndcg@10", "recall@10"), strict=True):
                 ordered = summary.sort(metric, descending=True)  # each panel sorted by its own metric
-                std = ordered[f"{metric}_std"].fill_null(0.0).fill_nan(0.0).to_numpy()
                 labels = [f"{c} (n={n})" for c, n in zip(ordered["config"], ordered["seeds"], strict=True)]
-                axis.barh(labels, ordered[metric].to_numpy(), xerr=std, color="#4c72b0", capsize=3)
+                axis.barh(labels, ordered[metric].to_numpy(), color="#4c72b0")
+                # Error bars only where there is a spread to show: one seed gets none, not a zero bar.
+                several = (ordered["seeds"] > 1).to_numpy()
+                if several.any():
+                    positions = np.arange(ordered.height)[several]
+                    axis.errorbar(ordered[metric].to_numpy()[several], positions,
+                                  xerr=ordered[f"{metric}_std"].fill_null(0.0).to_numpy()[several],
+                                  fmt="none", ecolor="black", capsize=3)
                 axis.invert_yaxis()
                 for index, figure_ref in enumerate(f for f in published if metric in f.metrics):
                     axis.axvline(figure_ref.metrics[metric], color=f"C{index + 1}", linestyle="--", linewidth=1,
