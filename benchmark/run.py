@@ -63,7 +63,14 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
 
-from benchmark.registry import CONFIG_DIR, config_names, instantiate_data, instantiate_model, resolve_config
+from benchmark.registry import (
+    CONFIG_DIR,
+    ConfigError,
+    config_names,
+    instantiate_data,
+    instantiate_model,
+    resolve_config,
+)
 from recbench.data import SeqRecDataModule
 from recbench.metrics import metric_names
 from recbench.model import EXCLUDED_SUFFIX, SELECTION_METRIC, SeqRecModel
@@ -153,7 +160,7 @@ def load_profile(name_or_path: str) -> Profile:
     parser.add_class_arguments(Profile, "profile")
     path = resolve_config("profile", name_or_path)
     if not Path(path).is_file():
-        raise ValueError(f"unknown profile {name_or_path!r}: expected one of {', '.join(config_names('profile'))}")
+        raise ConfigError(f"unknown profile {name_or_path!r}: expected a YAML path or one of {', '.join(config_names('profile'))}")
     config = parser.parse_object({"profile": yaml.safe_load(Path(path).read_text())})
     return parser.instantiate(config).profile
 
@@ -607,6 +614,9 @@ def bench(
     torch.set_num_threads(threads or available_cores())
     loaded_profile = load_profile(profile)
     model_names = list(models) if models else default_models()
+    for name in model_names:  # every name checked before the first fit, not after an hour of them
+        if not Path(resolve_config("model", name)).is_file():
+            raise ConfigError(f"unknown model {name!r}: expected a YAML path or one of {', '.join(config_names('model'))}")
     data = instantiate_data(dataset, **data_overrides)
     overrides_key = tuple(sorted((key, json.dumps(value, default=str)) for key, value in data_overrides.items()))
     # Decided once, before any run: under DDP every process re-executes this and must agree.
