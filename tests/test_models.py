@@ -111,3 +111,14 @@ def test_sasrec_output_ignores_padding(tiny_data) -> None:
     with torch.no_grad():  # whatever the padding row holds, real positions must not see it
         model.item_embedding.weight[PAD_ID].normal_()
     assert torch.allclose(model.encode(history)[:, -3:], hidden[:, -3:], atol=1e-6)
+
+
+def test_evaluation_scores_in_float32_under_bf16_autocast(tiny_data) -> None:
+    pl.seed_everything(0)
+    model = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len).eval()
+    history = torch.randint(1, tiny_data.num_items + 1, (16, tiny_data.max_len))
+    plain = model.ranked_items(history, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.ranked_items(history, 20)
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the caller's autocast is restored
+    assert torch.equal(plain, under_autocast)

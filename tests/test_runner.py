@@ -217,3 +217,32 @@ def test_make_bench_into_an_empty_local_dir_runs_and_compares(tmp_path: Path) ->
     assert "skip" not in result.stdout and "bench finished: 1 runs" in result.stdout
     assert len(read_rows(local / "synthetic-x0.02.csv")) == 1
     assert "beside the stored reference" in result.stdout
+
+
+def test_leaderboard_for_one_dataset_keeps_the_other_sections(tmp_path: Path) -> None:
+    from benchmark.leaderboard import leaderboard
+
+    for dataset, ndcg in (("alpha", 0.1), ("beta", 0.2)):
+        row = {**_row(1), "dataset": dataset, "ndcg@10": ndcg, "recall@10": ndcg, "converged": True,
+               "stopped_by": "early stopping", "device": "cpu", "train_seconds": 1.0, "run_id": f"{dataset}-run"}
+        append_row(tmp_path / f"{dataset}.csv", row)
+    printed = leaderboard(tmp_path, dataset="alpha")
+    assert "## alpha" in printed and "## beta" not in printed
+    written = (tmp_path / "LEADERBOARD.md").read_text()
+    assert "## alpha" in written and "## beta" in written
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "alpha-p-smoke.png", "alpha-p-smoke-compute.png", "beta-p-smoke.png", "beta-p-smoke-compute.png"}
+
+
+def test_peak_memory_is_the_runs_own_not_the_process_lifetime() -> None:
+    from benchmark.run import PeakMemory
+
+    earlier = PeakMemory()
+    ballast = b"\x01" * (300 * 2**20)  # an earlier run's peak: 300 MB above whatever the process holds
+    lifetime_peak = earlier.peak_mb()
+    del ballast
+    memory = PeakMemory()
+    memory.start()
+    if memory.scope != "run":
+        pytest.skip("this kernel cannot reset the peak RSS")
+    assert memory.peak_mb() < lifetime_peak - 200
