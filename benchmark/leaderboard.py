@@ -365,6 +365,23 @@ class PairedTest:
     effect_size_dz: float
     t_pvalue: float
     bootstrap_pvalue: float
+    #: 95% confidence interval of the mean difference (paired t: mean ± t(0.975, n-1) sd / sqrt(n)).
+    ci_low: float
+    ci_high: float
+
+
+def holm_adjusted(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: the family-wise error rate over the comparisons one ``compare``
+    makes (one per stored model and metric). The i-th smallest p becomes max over j <= i of
+    min(1, (m - j + 1) p_(j)), returned in the input order."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda index: pvalues[index])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def paired_test(new: np.ndarray, stored: np.ndarray, metric: str, resamples: int = 10_000, seed: int = 0) -> PairedTest:
@@ -390,8 +407,9 @@ def paired_test(new: np.ndarray, stored: np.ndarray, metric: str, resamples: int
         index = rng.integers(0, len(difference), size=(min(1000, resamples - start), len(difference)))
         boot[start : start + len(index)] = centred[index].mean(axis=1)
     boot_p = float((np.abs(boot) >= abs(mean)).mean()) if sd > 0 else t_p
+    half_width = float(stats.t.ppf(0.975, len(difference) - 1)) * sd / math.sqrt(len(difference))
     return PairedTest(metric, len(new), float(new.mean()), float(stored.mean()), mean,
-                      mean / sd if sd > 0 else 0.0, t_p, boot_p)
+                      mean / sd if sd > 0 else 0.0, t_p, boot_p, mean - half_width, mean + half_width)
 
 
 def _run_cases(results_dir: Path, run_id: str) -> polars.DataFrame:
@@ -466,25 +484,39 @@ def compare(
         marker = "  <- new" if entry["new"] else ""
         print(f"{position:>4}  {entry['config']:<28} {entry['ndcg@10']:.4f}    {entry['recall@10']:.4f}     {entry['seeds']}{marker}")
 
-    print("\npaired tests on per-case values (new - stored), same test cases:")
-    print(f"{'stored config':<28} {'metric':<10} {'new':>7} {'stored':>7} {'diff':>8} {'d_z':>7} {'p(t)':>9} {'p(boot)':>9}")
+    results: list[tuple[str, PairedTest]] = []
+    skipped: list[str] = []
     for config, group in table.group_by("config", maintain_order=True):
         config_name = config[0]
         same_seed = group.filter(polars.col("seed") == str(new_row["seed"]))
         stored_row = (same_seed if same_seed.height else group).row(0, named=True)
         cases_path = reference_dir / "runs" / stored_row["run_id"] / "cases.parquet"
         if not cases_path.exists():
-            print(f"{config_name:<28} no per-case values stored ({cases_path}); skipped")
+            skipped.append(f"{config_name:<28} no per-case values stored ({cases_path}); skipped")
             continue
         joined = new_cases.join(polars.read_parquet(cases_path), on="case", suffix="_stored")
         if joined.height != new_cases.height:
-            print(f"{config_name:<28} cases differ ({joined.height} shared of {new_cases.height}); skipped")
+            skipped.append(f"{config_name:<28} cases differ ({joined.height} shared of {new_cases.height}); skipped")
             continue
         for metric in ("ndcg@10", "recall@10"):
-            result = paired_test(joined[metric].to_numpy(), joined[f"{metric}_stored"].to_numpy(), metric)
-            print(f"{config_name:<28} {metric:<10} {result.mean_new:>7.4f} {result.mean_stored:>7.4f} "
-                  f"{result.mean_difference:>+8.4f} {result.effect_size_dz:>+7.3f} {result.t_pvalue:>9.2e} "
-                  f"{result.bootstrap_pvalue:>9.4f}")
+            results.append((config_name, paired_test(joined[metric].to_numpy(), joined[f"{metric}_stored"].to_numpy(),
+                                                     metric)))
+    # One family per metric: the new run against every stored model.
+    holm: dict[int, float] = {}
+    for metric in ("ndcg@10", "recall@10"):
+        indices = [i for i, (_, result) in enumerate(results) if result.metric == metric]
+        holm |= dict(zip(indices, holm_adjusted([results[i][1].t_pvalue for i in indices]), strict=True))
+    print(f"\npaired tests on per-case values (new - stored), same test cases; p(Holm) corrects p(t) over the "
+          f"{len(results) // 2} stored model(s) per metric:")
+    print(f"{'stored config':<28} {'metric':<10} {'new':>7} {'stored':>7} {'diff':>8} {'95% CI':>19} {'d_z':>7} "
+          f"{'p(t)':>9} {'p(Holm)':>9} {'p(boot)':>9}")
+    for index, (config_name, result) in enumerate(results):
+        interval = f"[{result.ci_low:+.4f}, {result.ci_high:+.4f}]"
+        print(f"{config_name:<28} {result.metric:<10} {result.mean_new:>7.4f} {result.mean_stored:>7.4f} "
+              f"{result.mean_difference:>+8.4f} {interval:>19} {result.effect_size_dz:>+7.3f} {result.t_pvalue:>9.2e} "
+              f"{holm[index]:>9.2e} {result.bootstrap_pvalue:>9.4f}")
+    for line in skipped:
+        print(line)
 
 
 def compare_main(argv: Sequence[str]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmark.leaderboard import paired_test
+from benchmark.leaderboard import holm_adjusted, paired_test
 from benchmark.run import (
     EXCLUDED_METRIC_COLUMNS,
     KEY_COLUMNS,
@@ -119,6 +119,8 @@ def test_paired_test_against_hand_computation() -> None:
     assert result.effect_size_dz == pytest.approx(mean / sd)
     assert result.t_pvalue == pytest.approx(p_hand)
     assert 0.0 < result.bootstrap_pvalue < 1.0
+    half = stats.t.ppf(0.975, len(diff) - 1) * sd / math.sqrt(len(diff))
+    assert (result.ci_low, result.ci_high) == (pytest.approx(mean - half), pytest.approx(mean + half))
     same = paired_test(new, new.copy(), "ndcg@10")
     assert same.t_pvalue == 1.0 and same.mean_difference == 0.0
     strong = paired_test(np.ones(200), np.zeros(200) + np.linspace(0, 0.1, 200), "recall@10")
@@ -246,3 +248,10 @@ def test_peak_memory_is_the_runs_own_not_the_process_lifetime() -> None:
     if memory.scope != "run":
         pytest.skip("this kernel cannot reset the peak RSS")
     assert memory.peak_mb() < lifetime_peak - 200
+
+
+def test_holm_adjustment_against_hand_computation() -> None:
+    # sorted p: 0.01 (x4), 0.02 (x3 -> 0.06), 0.03 (x2 -> 0.06), 0.5 (x1); monotone step-down
+    assert holm_adjusted([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    assert holm_adjusted([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+    assert holm_adjusted([]) == []
