@@ -19,6 +19,9 @@ DATASET ?= synthetic
 MODELS ?=
 SEEDS ?= 1
 PROFILE ?= quick
+# Where `make bench` writes rows: a git-ignored local directory by default; RESULTS_DIR=results
+# stores them into the reference leaderboard (an explicit choice).
+RESULTS_DIR ?= runs/results
 export RECBENCH_DATA_DIR ?= $(abspath ../shared/data)
 
 .PHONY: install test test-data test-full bench leaderboard lint
@@ -39,7 +42,7 @@ test-full:
 	$(PY) -m pytest -q -m "not gpu"
 
 bench:
-	$(VENV)/bin/recbench bench --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS),)
+	RECBENCH_RESULTS_DIR=$(RESULTS_DIR) $(VENV)/bin/recbench bench --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS),)
 
 leaderboard:
 	$(VENV)/bin/recbench leaderboard

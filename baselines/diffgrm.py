@@ -39,7 +39,8 @@ permutation per sample) and ``random`` (independent Bernoulli masks, at least on
 Optimisation: AdamW, linear warm-up over ``warmup_steps`` optimiser steps (expressed in steps,
 as in the reference; at batch 1024 the reference's 10k steps are ~90 Beauty epochs), then cosine decay
 to 0 at ``decay_steps`` (default: the trainer's estimated total steps, i.e. ``max_epochs`` x steps per
-epoch as in the reference). Gradient-norm clipping at ``gradient_clip_val`` (default 1.0) is done by
+epoch as in the reference), through the shared :func:`recbench.schedules.sized_schedule` (which caps
+the warm-up at half of the steps the profile allows). Gradient-norm clipping at ``gradient_clip_val`` (default 1.0) is done by
 the model (``configure_gradient_clipping``), so it holds under any trainer; a ``Trainer(
 gradient_clip_val=...)`` overrides it.
 
@@ -89,7 +90,6 @@ Deviations from the reference, all deliberate
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -114,6 +114,7 @@ from recbench.diffusion import (
 from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
+from recbench.schedules import WarmupSchedule, scheduler_config, sized_schedule
 from recbench.semantic_ids import PAD_CODE, ParallelPQConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
 
@@ -409,23 +410,6 @@ def beams_to_items(sids: SemanticIDs, beams: BeamResult, k: int) -> tuple[Tensor
 
 
 # ============================================================================================
-# schedule
-# ============================================================================================
-
-
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: float) -> float:
-    """LR multiplier: linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps``
-    optimiser steps, then cosine decay from 1 to 0 at ``total_steps`` (held at 0 after; no decay
-    when ``total_steps`` is infinite)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if not math.isfinite(total_steps):
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ============================================================================================
 # the system
 # ============================================================================================
 
@@ -466,7 +450,7 @@ class DiffGRM(SeqRecModel):
         warmup_steps: linear warm-up length in optimiser steps.
         decay_steps: step at which the cosine reaches 0 (default: the trainer's total steps).
         gradient_clip_val: gradient-norm clip (0 disables); a Trainer setting overrides it.
-        ks, exclude_history: see :class:`~recbench.model.SeqRecModel`.
+        ks: see :class:`~recbench.model.SeqRecModel`.
     """
 
     training_view = "pairs"
@@ -509,9 +493,8 @@ class DiffGRM(SeqRecModel):
         decay_steps: int | None = None,
         gradient_clip_val: float = 1.0,
         ks: Sequence[int] = DEFAULT_KS,
-        exclude_history: bool = False,
     ) -> None:
-        super().__init__(num_items, max_len, lr, weight_decay, ks, exclude_history)
+        super().__init__(num_items, max_len, lr, weight_decay, ks)
         self.save_hyperparameters()
         if n_digits < 2:
             raise ValueError(f"n_digits must be >= 2, got {n_digits}")
@@ -562,7 +545,7 @@ class DiffGRM(SeqRecModel):
         self.register_buffer("sid_codes", torch.full((num_items + 1, n_digits), PAD_CODE, dtype=torch.long))
         self.register_buffer("sid_codebook_size", torch.zeros((), dtype=torch.long))  # effective K'
         self._sids: SemanticIDs | None = None
-        self._decay_total: float | None = None  # set by configure_optimizers
+        self._schedule: WarmupSchedule | None = None  # set by configure_optimizers
         self._item_side_notes: dict[str, Any] = {}
         self.register_load_state_dict_post_hook(_reset_sids_after_load)
 
@@ -751,11 +734,9 @@ class DiffGRM(SeqRecModel):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = float(self.decay_steps) if self.decay_steps is not None else float(self.trainer.estimated_stepping_batches)
-        self._decay_total = total  # recorded in run_notes
-        schedule = partial(warmup_cosine_factor, warmup_steps=self.warmup_steps, total_steps=total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        allowed = float(self.decay_steps) if self.decay_steps is not None else float(self.trainer.estimated_stepping_batches)
+        self._schedule = sized_schedule("cosine", self.warmup_steps, allowed)  # recorded in run_notes
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, self._schedule)}
 
     def configure_gradient_clipping(
         self,
@@ -846,8 +827,8 @@ class DiffGRM(SeqRecModel):
             "decoding": "unconstrained CPD beam, illegal IDs dropped, collisions expanded (ascending item id)",
             "metrics_level": "item",
             "cross_attention_padding_mask": True,
-            "warmup_steps": self.warmup_steps,
-            "decay_steps": self.decay_steps if self.decay_steps is not None else self._decay_total,
+            "warmup_steps": self._schedule.warmup_steps if self._schedule else self.warmup_steps,
+            "decay_steps": self._schedule.total_steps if self._schedule else self.decay_steps,
             "gradient_clip_val": self.gradient_clip_val,
         }
         return notes

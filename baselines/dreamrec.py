@@ -227,7 +227,7 @@ class DreamRec(SeqRecModel):
             (the reference: every item but PAD).
         retrieval_backend: :class:`~recbench.retrieval.ItemIndex` backend (``auto``: faiss when
             installed).
-        lr, weight_decay, ks, exclude_history: see :class:`~recbench.model.SeqRecModel`. The
+        lr, weight_decay, ks: see :class:`~recbench.model.SeqRecModel`. The
             reference uses Adam/AdamW with eps 1e-8 and weight decay 0 (identical optimisers then).
     """
 
@@ -257,9 +257,8 @@ class DreamRec(SeqRecModel):
         lr: float = 5e-3,
         weight_decay: float = 0.0,
         ks: Sequence[int] = DEFAULT_KS,
-        exclude_history: bool = False,
     ) -> None:
-        super().__init__(num_items, max_len, lr, weight_decay, ks, exclude_history)
+        super().__init__(num_items, max_len, lr, weight_decay, ks)
         self.save_hyperparameters()
         if hidden_size % 2 or hidden_size < 4:
             raise ValueError(f"hidden_size must be even and >= 4, got {hidden_size}")

@@ -30,9 +30,8 @@ class Popularity(SeqRecModel):
         num_items: int,
         max_len: int = 50,
         ks: Sequence[int] = DEFAULT_KS,
-        exclude_history: bool = False,
     ) -> None:
-        super().__init__(num_items, max_len, lr=0.0, weight_decay=0.0, ks=ks, exclude_history=exclude_history)
+        super().__init__(num_items, max_len, lr=0.0, weight_decay=0.0, ks=ks)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.register_buffer("counts", torch.zeros(num_items + 1, dtype=torch.long))

@@ -52,7 +52,7 @@ class SASRec(SeqRecModel):
         num_heads: attention heads.
         dropout: embedding, attention and FFN dropout.
         loss: ``ce`` (full softmax) or ``bce1`` (one sampled negative, the original).
-        lr, weight_decay, ks, exclude_history: see :class:`~recbench.model.SeqRecModel`.
+        lr, weight_decay, ks: see :class:`~recbench.model.SeqRecModel`.
     """
 
     training_view = "sequence"
@@ -69,9 +69,8 @@ class SASRec(SeqRecModel):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         ks: Sequence[int] = DEFAULT_KS,
-        exclude_history: bool = False,
     ) -> None:
-        super().__init__(num_items, max_len, lr, weight_decay, ks, exclude_history)
+        super().__init__(num_items, max_len, lr, weight_decay, ks)
         self.save_hyperparameters()
         self.loss_kind = loss
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=PAD_ID)

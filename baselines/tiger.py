@@ -53,7 +53,8 @@ Two stages, with ``n`` digits per semantic ID (SID), ``K`` codes per digit and `
    With ``beam_size`` at least the number of valid IDs the search is exact (every valid prefix
    survives every step); smaller beams are the usual approximation. ``recommend(history, k)`` returns at
    most ``beam_size`` items (the rest is padded with 0), so keep ``beam_size >= max(ks) = 20``
-   (and ``>= 20 + L`` with ``exclude_history``).
+   (and ``>= 20 + L`` for exact history-excluded test metrics; narrower beams make those
+   approximate, and the share of short excluded lists is reported).
 
 Speed (exact): the encoder runs its projections and FFN on the real tokens only (padding is most
 of a left-padded batch; :func:`_packed_encoder_block`), the loss is one (B x n x K) cross-entropy,
@@ -68,7 +69,8 @@ vocabulary slice; the rest is never a target and, when constrained, never decode
 Optimisation (``configure_optimizers``): AdamW (default) or Adafactor, with ``lr_schedule``
 ``"constant"`` (optional linear warm-up), ``"inverse_sqrt"`` (T5/TIGER: the base rate for the first
 ``warmup_steps`` steps, then ``lr * sqrt(warmup_steps / step)``) or ``"cosine"`` (linear warm-up,
-then cosine to 0 over the run, AR_GRM). Note that torch's Adafactor already scales its step by
+then cosine to 0 over the run, AR_GRM), all from the shared :func:`recbench.schedules.sized_schedule`,
+sized from the optimiser steps the profile allows (warm-up at most half of them). Note that torch's Adafactor already scales its step by
 ``min(lr, 1 / sqrt(t))``: with ``lr=0.01`` and a constant schedule it *is* T5's "0.01 for 10k steps,
 then inverse square root" (the TIGER paper's schedule), so do not stack ``inverse_sqrt`` on it.
 
@@ -81,7 +83,6 @@ learned absolute positions rather than T5's relative position buckets.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
@@ -96,6 +97,7 @@ from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.nn import TransformerBlock
+from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
 from recbench.semantic_ids import INVALID_KEY, PAD_CODE, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
 
@@ -105,7 +107,6 @@ EncoderInput = Literal["flat", "item"]
 OutputHead = Literal["tied", "separate"]
 EmbeddingSource = Literal["text", "collaborative"]
 OptimizerName = Literal["adamw", "adafactor"]
-LRSchedule = Literal["constant", "inverse_sqrt", "cosine"]
 
 _CHECKPOINT_KEY = "tiger_item_side"
 
@@ -517,7 +518,7 @@ class TIGER(SeqRecModel):
         weight_decay: decoupled weight decay.
         lr_schedule: ``"constant"``, ``"inverse_sqrt"`` or ``"cosine"`` (per optimiser step).
         warmup_steps: linear warm-up (constant, cosine) or constant phase (inverse_sqrt) in steps.
-        ks, exclude_history: see :class:`~recbench.model.SeqRecModel`.
+        ks: see :class:`~recbench.model.SeqRecModel`.
     """
 
     training_view = "pairs"
@@ -550,12 +551,11 @@ class TIGER(SeqRecModel):
         optimizer: OptimizerName = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        lr_schedule: LRSchedule = "constant",
+        lr_schedule: ScheduleKind = "constant",
         warmup_steps: int = 0,
         ks: Sequence[int] = DEFAULT_KS,
-        exclude_history: bool = False,
     ) -> None:
-        super().__init__(num_items, max_len, lr, weight_decay, ks, exclude_history)
+        super().__init__(num_items, max_len, lr, weight_decay, ks)
         self.save_hyperparameters()
         if history_items < 1 or beam_size < 1 or levels < 1 or codebook_size < 2 or warmup_steps < 0:
             raise ValueError(
@@ -727,10 +727,8 @@ class TIGER(SeqRecModel):
             optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches) if self.lr_schedule == "cosine" else 0
-        factor = _ScheduleFactor(self.lr_schedule, self.warmup_steps, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = sized_schedule(self.lr_schedule, self.warmup_steps, float(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, schedule)}
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -797,22 +795,3 @@ class TIGER(SeqRecModel):
                 "code_usage": list(stats.code_usage),
             }
         return notes
-
-
-class _ScheduleFactor:
-    """Learning-rate multiplier per optimiser step (a picklable LambdaLR function)."""
-
-    def __init__(self, schedule: LRSchedule, warmup_steps: int, total_steps: int) -> None:
-        self.schedule, self.warmup, self.total = schedule, warmup_steps, total_steps
-
-    def __call__(self, step: int) -> float:
-        done = step + 1  # LambdaLR passes the number of steps taken so far
-        if self.schedule == "inverse_sqrt":  # T5: constant for `warmup` steps, then 1/sqrt(step)
-            return math.sqrt(self.warmup / max(done, self.warmup)) if self.warmup else 1.0 / math.sqrt(done)
-        if self.warmup and done < self.warmup:
-            return done / self.warmup
-        if self.schedule == "cosine":
-            span = max(self.total - self.warmup, 1)
-            progress = min(max(done - self.warmup, 0) / span, 1.0)
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0

@@ -8,7 +8,7 @@
 
 Every subcommand's module is imported only when it runs: ``recbench --help`` imports neither torch
 nor Lightning (several seconds), and ``recbench leaderboard`` needs neither.
-:func:`main` is a thin wrapper around :func:`dispatch`, the place for process-wide error handling.
+:func:`main` is :func:`dispatch` wrapped by :func:`benchmark.errors.reports_errors`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from benchmark.errors import reports_errors
 from benchmark.registry import resolve_config
 
 
@@ -126,6 +127,7 @@ def dispatch(argv: Sequence[str]) -> None:
     command.run(argv[1:])
 
 
+@reports_errors  # the project's errors as one message and an exit code; --debug shows tracebacks
 def main(argv: Sequence[str] | None = None) -> None:
     dispatch(sys.argv[1:] if argv is None else argv)
 

@@ -2,8 +2,9 @@
 
 - :func:`main` is ``recbench data {stats,prepare} DATASET``; datasets are short names or YAML paths,
   resolved by :func:`benchmark.registry.instantiate_data` exactly as ``recbench fit`` resolves them.
-- :func:`prepare` runs ``prepare_data`` and reports its time and whether the cache was already there
-  (run it twice for the cold and the warm time).
+- :func:`prepare` runs ``prepare_data`` and reports its time and whether a verified cache was
+  already there (run it twice for the cold and the warm time), or a damaged one was rebuilt (and
+  why).
 - :func:`format_stats` renders :class:`~recbench.data.DatasetStats` (and the split counts) as text.
 """
 
@@ -24,18 +25,31 @@ class PrepareReport:
 
     dataset: str
     cache_path: str
-    cache_hit: bool  # the cache existed before the call, so nothing was parsed
+    cache_hit: bool  # a cache that verified existed before the call, so nothing was parsed
     seconds: float
+    rebuilt_because: str | None = None  # a cache existed but did not verify: why it was rebuilt
+
+    @property
+    def state(self) -> str:
+        if self.cache_hit:
+            return "warm (cache hit, verified)"
+        if self.rebuilt_because:
+            return f"rebuilt (the cache did not verify: {self.rebuilt_because})"
+        return "cold (parsed the raw files)"
 
 
 def prepare(datamodule: SeqRecDataModule) -> PrepareReport:
     """Run ``prepare_data`` once, timed; a missing source raises ``MissingDataError``."""
-    cache_path = datamodule.cache_path
-    hit = (cache_path / "meta.json").exists()
     started = time.perf_counter()
     datamodule.prepare_data()
     seconds = time.perf_counter() - started
-    return PrepareReport(dataset=datamodule.name, cache_path=str(cache_path), cache_hit=hit, seconds=seconds)
+    return PrepareReport(
+        dataset=datamodule.name,
+        cache_path=str(datamodule.cache_path),
+        cache_hit=datamodule.cache_outcome == "hit",
+        seconds=seconds,
+        rebuilt_because=datamodule.cache_problem if datamodule.cache_outcome == "rebuilt" else None,
+    )
 
 
 def format_stats(stats: DatasetStats, split_counts: SplitCounts | None, prepare_seconds: float | None) -> str:
@@ -62,6 +76,10 @@ def format_stats(stats: DatasetStats, split_counts: SplitCounts | None, prepare_
             lines.append(f"  {count:,}  {reason}")
     else:
         lines.append("filtered rows:   none")
+    if stats.duplicates:
+        lines.append("duplicates (kept):")
+        for reason, count in stats.duplicates.items():
+            lines.append(f"  {count:,}  {reason}")
     if split_counts is not None:
         lines += [
             "split:",
@@ -132,11 +150,10 @@ def main(argv: Sequence[str]) -> None:
             print()
             continue
         report = prepare(datamodule)
-        state = "warm (cache hit)" if report.cache_hit else "cold (parsed the raw files)"
         if args.command == "prepare":
-            print(f"{report.dataset}: prepared in {report.seconds:.2f} s, {state}: {report.cache_path}")
+            print(f"{report.dataset}: prepared in {report.seconds:.2f} s, {report.state}: {report.cache_path}")
             continue
         datamodule.setup()
         print(format_stats(datamodule.stats(), datamodule.split_counts, report.seconds))
-        print(f"prepare          {state}")
+        print(f"prepare          {report.state}")
         print()

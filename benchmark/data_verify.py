@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark.registry import ConfigError
+
 MANIFEST = Path(__file__).with_name("data_manifest.sha256")
 # The folder of each data config's files under RECBENCH_DATA_DIR (benchmark/configs/data/*.yaml).
 DATASET_FOLDERS = {
@@ -84,7 +86,7 @@ def select(manifest: dict[str, str], dataset: str) -> dict[str, str]:
     if not chosen:
         folders = sorted({name.split("/")[0] for name in manifest} - set(DATASET_FOLDERS))
         names = ", ".join(["all", *DATASET_FOLDERS, *folders])
-        raise ValueError(f"no manifest entries for {dataset!r}: expected one of {names}")
+        raise ConfigError(f"no manifest entries for {dataset!r}: expected one of {names}")
     return chosen
 
 
@@ -108,10 +110,7 @@ def verify(dataset: str, data_dir: Path | None = None, manifest: Path = MANIFEST
     """
     if data_dir is None:
         data_dir = default_data_dir()
-    try:
-        results = check(dataset, data_dir, manifest)
-    except ValueError as error:
-        raise SystemExit(f"recbench data verify: {error}") from None
+    results = check(dataset, data_dir, manifest)
     failed = [result for result in results if not result.ok]
     for result in results:
         print(result.describe(data_dir))

@@ -18,6 +18,8 @@ Decisions:
   per run; the default is CSV (see :mod:`benchmark.loggers`).
 - Researchers type lists with commas: for a list-typed parameter, ``--models popularity,sasrec``
   means ``--models [popularity,sasrec]`` (and ``--seeds 1`` means ``[1]``).
+- ``--results-dir`` is ``--results_dir``: the argparse spelling of the earlier command line (and of
+  most tools) keeps working for the function's own parameters.
 - The first parameter, when it has no default, may be given bare: ``recbench compare sasrec_h128
   --dataset beauty`` is ``--run_or_config sasrec_h128``.
 - ``recbench bench`` writes the resolved config of every run it completes, narrowed to that run's
@@ -61,11 +63,18 @@ def _list_typed(annotation: object) -> bool:
 
 
 def normalise_argv(function: Callable[..., object], argv: Sequence[str]) -> list[str]:
-    """Comma-separated lists to YAML lists and a bare leading value to the first parameter."""
+    """Comma-separated lists to YAML lists, ``--a-b`` to ``--a_b`` and a bare leading value to the
+    first parameter."""
     signature = inspect.signature(function)
     hints = typing.get_type_hints(function)
     list_options = {f"--{name}" for name in signature.parameters if _list_typed(hints.get(name))}
-    out = list(argv)
+    out = []
+    for arg in argv:
+        option, equals, value = arg.partition("=")
+        underscored = option.replace("-", "_")
+        if option.startswith("--") and "-" in option[2:] and underscored[2:] in signature.parameters:
+            arg = f"--{underscored[2:]}{equals}{value}"
+        out.append(arg)
     first = next(iter(signature.parameters.values()), None)
     if out and not out[0].startswith("-") and first is not None and first.default is inspect.Parameter.empty:
         out[:1] = [f"--{first.name}", out[0]]
@@ -154,7 +163,8 @@ def parse(function: Callable[..., object], prog: str, argv: Sequence[str]) -> tu
 
 
 def _check_names(config: Namespace, models: bool) -> None:
-    """Short names resolve before any work starts (:class:`ConfigError` otherwise)."""
+    """Short names resolve before any data is read (:class:`ConfigError`, which
+    :func:`benchmark.errors.reports_errors` prints as one line, otherwise)."""
     for model in (config.get("models") or []) if models else []:
         require_config("model", model)
     require_config("data", config["dataset"])
@@ -166,10 +176,7 @@ def bench_command(argv: Sequence[str]) -> None:
     from benchmark.run import bench
 
     parser, config = parse(bench, "recbench bench", argv)
-    try:
-        _check_names(config, models=True)
-    except ConfigError as error:
-        raise SystemExit(f"recbench bench: {error}") from None
+    _check_names(config, models=True)  # ConfigError: one line from benchmark.errors
     rows = bench(**function_arguments(bench, parser, config))  # type: ignore[arg-type]
     for row in rows:
         save_run_config(parser, config, row)
@@ -177,14 +184,14 @@ def bench_command(argv: Sequence[str]) -> None:
 
 def save_run_config(parser: ArgumentParser, config: Namespace, row: dict[str, object]) -> Path:
     """``<results_dir>/runs/<run_id>/config.yaml``: the bench config narrowed to one run."""
-    from benchmark.store import atomic_write_text
+    from benchmark.store import atomic_write_text, resolve_results_dir
 
     one_run = config.clone()
     one_run["models"] = [str(row["config"])]
     one_run["seeds"] = [int(str(row["seed"]))]
     if "config" in one_run:
         del one_run["config"]  # the files it came from are already merged into the values
-    path = Path(config["results_dir"]) / "runs" / str(row["run_id"]) / CONFIG_FILE_NAME
+    path = resolve_results_dir(config["results_dir"]) / "runs" / str(row["run_id"]) / CONFIG_FILE_NAME
     atomic_write_text(path, parser.dump(one_run))
     return path
 
@@ -193,10 +200,7 @@ def compare_command(argv: Sequence[str]) -> None:
     from benchmark.leaderboard import compare
 
     parser, config = parse(compare, "recbench compare", argv)
-    try:
-        _check_names(config, models=False)
-    except ConfigError as error:
-        raise SystemExit(f"recbench compare: {error}") from None
+    _check_names(config, models=False)
     compare(**function_arguments(compare, parser, config))  # type: ignore[arg-type]
 
 

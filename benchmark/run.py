@@ -1,10 +1,24 @@
 """The benchmark runner: ``recbench bench --dataset D [--models a,b] [--seeds 1,2,3] [--profile P]``.
 
 For every (model config, seed) it fits with early stopping on ``val/ndcg@10``, tests the best
-checkpoint once, and appends one row to ``results/<dataset>.csv`` (schema :data:`ROW_COLUMNS`,
-version :data:`ROW_SCHEMA_VERSION`) plus ``results/runs/<run_id>/`` with the resolved config
+checkpoint once, and appends one row to ``<results_dir>/<dataset>.csv`` (schema :data:`ROW_COLUMNS`,
+version :data:`ROW_SCHEMA_VERSION`) plus ``<results_dir>/runs/<run_id>/`` with the resolved config
 (``config.json``), the metrics (``metrics.json``) and per-case metric values (``cases.parquet``) for
 paired significance tests.
+
+What a row is: a property of (dataset, protocol, config, seed, profile) -- :data:`KEY_COLUMNS`.
+Profiles end a fit by early stopping (patience on validation NDCG@10) under an epoch or step cap,
+never by the clock, so the same key gives the same row on any hardware up to floating-point noise.
+Device, precision, threads and seconds are columns, not identity. A profile may carry a wall-clock
+safety net (``time_limit_minutes``); a fit it ends is stored with ``stopped_by = "time limit"`` and
+``converged = false`` and never enters a leaderboard mean. ``converged`` is true when patience ran
+out (``early stopping``) or the model cannot change any more (``complete``: counting baselines after
+their one epoch); a fit ended by the epoch or step cap was still improving and is not converged.
+
+Where rows go: a user's bench writes to a local, git-ignored directory
+(``$RECBENCH_RESULTS_DIR``, default :data:`LOCAL_RESULTS_DIR`) and ends by printing its rows beside
+the stored reference rows in ``results/`` with paired tests; writing into ``results/`` is an explicit
+choice (``--results_dir results`` or ``make bench RESULTS_DIR=results``).
 
 Robustness:
 
@@ -12,8 +26,7 @@ Robustness:
   file and ``os.replace``: two runners at once lose nothing and a crash never leaves a partial row;
 - checkpoints live in ``<work_dir>/<run_id>/checkpoints``; rerunning the same command after a crash
   resumes from ``last.ckpt``;
-- a run whose key (dataset, protocol, model, config, seed, profile, device) is already in the CSV is
-  skipped unless ``--force`` (which replaces the row).
+- a run whose key is already in the results CSV is skipped unless ``force`` (which replaces the row).
 
 Model configs: ``<name>.yaml`` serves the smoke and quick profiles, ``<name>_paper.yaml`` the paper
 profile where it exists. Trainer options pass through (``--trainer.strategy ddp
@@ -29,7 +42,9 @@ import io
 import json
 import os
 import platform
+import re
 import resource
+import shutil
 import subprocess
 import tempfile
 import time
@@ -46,17 +61,35 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
 
 from benchmark.loggers import LoggerSpec
-from benchmark.registry import CONFIG_DIR, config_names, instantiate_data, instantiate_model, resolve_config
-from benchmark.store import atomic_write_text, device_slug, locked, read_rows
+from benchmark.registry import (
+    CONFIG_DIR,
+    ConfigError,
+    config_names,
+    instantiate_data,
+    instantiate_model,
+    resolve_config,
+)
+
+# The torch-free part of the store, shared with the leaderboard; re-exported for the callers that
+# import it from here (benchmark.migrate, benchmark.perf, the tests).
+from benchmark.store import EXCLUDED_METRIC_COLUMNS as EXCLUDED_METRIC_COLUMNS
+from benchmark.store import LOCAL_RESULTS_DIR as LOCAL_RESULTS_DIR
+from benchmark.store import METRIC_COLUMNS as METRIC_COLUMNS
+from benchmark.store import REFERENCE_RESULTS_DIR as REFERENCE_RESULTS_DIR
+from benchmark.store import atomic_write_text as atomic_write_text
+from benchmark.store import device_slug as device_slug
+from benchmark.store import locked as locked
+from benchmark.store import read_rows as read_rows
+from benchmark.store import resolve_results_dir as resolve_results_dir
 from recbench.data import SeqRecDataModule
-from recbench.metrics import metric_names
 from recbench.model import SELECTION_METRIC, SeqRecModel
 
-ROW_SCHEMA_VERSION = 1
-METRIC_COLUMNS = metric_names((5, 10, 20))
-# A run's identity. The device is part of it because a time-budgeted profile (quick) gives different
-# numbers on different hardware; rows from two devices are never merged into one mean.
-KEY_COLUMNS = ("dataset", "protocol", "model", "config", "seed", "profile", "device")
+ROW_SCHEMA_VERSION = 2
+#: A run's identity: what the row is a property of. The device is a column, never part of the key.
+KEY_COLUMNS = ("dataset", "protocol", "config", "seed", "profile")
+#: Why a fit ended; the first two are convergence, the rest are not.
+CONVERGED_STOPS = ("early stopping", "complete")
+STOP_REASONS = (*CONVERGED_STOPS, "epoch cap", "step cap", "time limit")
 ROW_COLUMNS: tuple[str, ...] = (
     "dataset",
     "protocol",
@@ -65,20 +98,25 @@ ROW_COLUMNS: tuple[str, ...] = (
     "seed",
     "profile",
     *METRIC_COLUMNS,
+    *EXCLUDED_METRIC_COLUMNS,
+    "excluded_short_rate",
     "invalid_id_rate",
     "collision_rate",
     "parameters",
     "epochs",
     "best_epoch",
+    "global_steps",
+    "stopped_by",
+    "converged",
     "train_seconds",
     "seconds_per_epoch",
     "test_users_per_second",
     "peak_memory_mb",
     "device",
     "precision",
+    "threads",
     "world_size",
     "val_subset",
-    "exclude_history",
     "git_commit",
     "config_hash",
     "data_fingerprint",
@@ -102,9 +140,10 @@ class Profile:
         check_val_every_n_epoch: validation cadence.
         model_variant: use ``<model>_<variant>.yaml`` where that file exists.
         precision: Lightning precision; None = bf16-mixed on GPU, 32-true on CPU.
-        max_minutes: wall-clock budget for one fit (training plus its validations); when it runs
-            out mid-epoch Lightning validates once more, so the best checkpoint always exists. A
-            budgeted profile gives hardware-dependent numbers: rows are keyed and ranked per device.
+        max_steps: optimiser-step cap (None = only the epoch cap).
+        time_limit_minutes: a wall-clock safety net for one fit, never a stopping rule: a fit it ends
+            is stored as ``stopped_by = "time limit"``, ``converged = false``, and is kept out of
+            every leaderboard mean.
     """
 
     name: str
@@ -115,7 +154,8 @@ class Profile:
     check_val_every_n_epoch: int = 1
     model_variant: str = ""
     precision: str | None = None
-    max_minutes: float | None = None
+    max_steps: int | None = None
+    time_limit_minutes: float | None = None
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -123,7 +163,7 @@ def load_profile(name_or_path: str) -> Profile:
     parser.add_class_arguments(Profile, "profile")
     path = resolve_config("profile", name_or_path)
     if not Path(path).is_file():
-        raise ValueError(f"unknown profile {name_or_path!r}: expected one of {', '.join(config_names('profile'))}")
+        raise ConfigError(f"unknown profile {name_or_path!r}: expected a YAML path or one of {', '.join(config_names('profile'))}")
     config = parser.parse_object({"profile": yaml.safe_load(Path(path).read_text())})
     return parser.instantiate(config).profile
 
@@ -144,16 +184,17 @@ def _row_key(row: dict[str, object]) -> tuple[str, ...]:
     return tuple(str(row[column]) for column in KEY_COLUMNS)
 
 
-def append_row(path: Path, row: dict[str, object], replace: bool = False) -> None:
+def append_row(path: Path, row: dict[str, object], replace: bool = False) -> list[dict[str, str]]:
     """Add ``row`` to the CSV under an exclusive lock, atomically; a duplicate key is an error
-    unless ``replace``."""
+    unless ``replace``. Returns the rows it replaced."""
     missing = set(ROW_COLUMNS) - set(row)
     if missing:
         raise ValueError(f"row lacks columns {sorted(missing)}")
     with locked(path):
         rows = read_rows(path)
         key = _row_key(row)
-        if any(_row_key(existing) == key for existing in rows):
+        replaced = [existing for existing in rows if _row_key(existing) == key]
+        if replaced:
             if not replace:
                 raise ValueError(f"{path}: a row for {dict(zip(KEY_COLUMNS, key, strict=True))} exists already")
             rows = [existing for existing in rows if _row_key(existing) != key]
@@ -164,6 +205,7 @@ def append_row(path: Path, row: dict[str, object], replace: bool = False) -> Non
             writer.writerow({column: existing.get(column, "") for column in ROW_COLUMNS})
         writer.writerow({column: "" if row[column] is None else row[column] for column in ROW_COLUMNS})
         atomic_write_text(path, buffer.getvalue())
+    return replaced
 
 
 # ---------------------------------------------------------------------- one run
@@ -186,18 +228,37 @@ class _EpochLog(Callback):
             self.epoch_seconds.append(float(seconds))
 
 
+def config_name(name_or_path: str) -> str:
+    """The name a config is known by in rows and run ids: ``sasrec`` for ``sasrec`` and for
+    ``/any/where/sasrec.yaml`` alike (a filesystem path never reaches a row or a run id)."""
+    return Path(name_or_path).stem
+
+
 @dataclass(frozen=True)
 class RunSpec:
     dataset: str
     model_config: str
     seed: int
     profile: Profile
+    data_overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def config(self) -> str:
+        return config_name(self.model_config)
 
     @property
     def run_id(self) -> str:
-        # The device is part of a run's key (see KEY_COLUMNS), so it is part of its directory names:
-        # a CPU run must never overwrite a GPU run's per-case values or resume from its checkpoint.
-        return f"{self.dataset}-{self.model_config}-{self.profile.name}-seed{self.seed}-{device_slug(device_name())}"
+        """``<dataset>-<config>-<profile>-seed<seed>-<hash>``: names plus a short hash of what the
+        names stand for (the data and model YAML texts, the profile, the data overrides), so two
+        different YAMLs with one name never share a run directory or resume each other's checkpoint."""
+        contents = {
+            "data": Path(resolve_config("data", self.dataset)).read_text(),
+            "model": Path(resolve_config("model", self.model_config)).read_text(),
+            "profile": asdict(self.profile),
+            "data_overrides": self.data_overrides,
+        }
+        digest = _config_hash(contents)[:8]
+        return f"{config_name(self.dataset)}-{self.config}-{self.profile.name}-seed{self.seed}-{digest}"
 
 
 def git_commit() -> str:
@@ -235,10 +296,42 @@ def device_name() -> str:
     return f"{cpu} ({os.cpu_count()} cores)"
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class PeakMemory:
+    """Peak memory of one run, not of the process: a bench runs many fits in one process, and the
+    process-lifetime peak (``ru_maxrss``) would charge every later run with the largest earlier one.
+
+    GPU: the CUDA allocator's peak since :meth:`start`. CPU (Linux): the resident-set high-water mark
+    ``VmHWM``, reset at :meth:`start` through ``/proc/self/clear_refs``; it includes what the process
+    already held (interpreter, libraries, cached data). Where that reset is not possible the scope is
+    the process lifetime, and :attr:`scope` says so (recorded in the row's notes).
+    """
+
+    def __init__(self) -> None:
+        self.scope = "run"
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5 = reset the peak RSS (Linux >= 4.0)
+        except OSError:
+            self.scope = "process"
+
+    def peak_mb(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        with contextlib.suppress(OSError):
+            match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+            if match:
+                return int(match.group(1)) / 1024
+        self.scope = "process"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _config_hash(parts: dict[str, object]) -> str:
@@ -261,26 +354,25 @@ def run_one(
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     data: SeqRecDataModule = instantiate_data(spec.dataset, val_subset=profile.val_subset, **data_overrides)
     model: SeqRecModel = instantiate_model(spec.model_config, data.num_items, data.max_len)
-    run_dir = work_dir / spec.run_id
+    run_id = spec.run_id
+    run_dir = work_dir / run_id
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max", filename="best", save_last=True
     )
+    early_stopping = EarlyStopping(SELECTION_METRIC, mode="max", patience=profile.patience)
     epoch_log = _EpochLog()
     # The Timer's elapsed training time is saved in checkpoints, so a resumed run reports (and is
-    # budgeted by) its whole training time, not only the part after the restart.
-    timer = Timer(timedelta(minutes=profile.max_minutes) if profile.max_minutes is not None else None, verbose=False)
+    # limited by) its whole training time, not only the part after the restart.
+    limit = timedelta(minutes=profile.time_limit_minutes) if profile.time_limit_minutes is not None else None
+    timer = Timer(limit, verbose=False)
     max_epochs = profile.max_epochs
     if model.max_useful_epochs is not None:
         max_epochs = min(max_epochs, model.max_useful_epochs)
     options: dict[str, object] = {
         "max_epochs": max_epochs,
+        "max_steps": profile.max_steps if profile.max_steps is not None else -1,
         "precision": profile.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
-        "callbacks": [
-            checkpoint,
-            EarlyStopping(SELECTION_METRIC, mode="max", patience=profile.patience),
-            epoch_log,
-            timer,
-        ],
+        "callbacks": [checkpoint, early_stopping, epoch_log, timer],
         # CSV unless the overrides name another logger (`recbench bench --trainer.logger ...`).
         "logger": LoggerSpec.csv(work_dir),
         "check_val_every_n_epoch": profile.check_val_every_n_epoch,
@@ -296,14 +388,19 @@ def run_one(
     trainer = pl.Trainer(**options)  # type: ignore[arg-type]
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = last.exists() and not force
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    memory = PeakMemory()
+    memory.start()
+    started = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=str(last) if resumed else None)
+    fit_wall_seconds = time.perf_counter() - started
     train_seconds = timer.time_elapsed("train")
+    stopped_by = stop_reason(timer, early_stopping, trainer, model, max_epochs, profile.max_steps)
     # No best checkpoint exists when training never stepped an optimiser (counting baselines): the
     # in-memory model is then the trained model.
     best_path = checkpoint.best_model_path or None
+    started = time.perf_counter()
     (test_metrics,) = trainer.test(model, datamodule=data, ckpt_path=best_path, verbose=False)
+    test_wall_seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return {}
 
@@ -315,13 +412,18 @@ def run_one(
         "trainer": {k: v for k, v in options.items() if k not in ("callbacks", "logger")},
         "seed": spec.seed,
     }
+    excluded_short_rate = float(test_metrics["test/excluded_short_rate"])
     notes = {
         **model.run_notes(),
         "resumed": resumed,
-        "stopped_by": _stop_reason(timer, trainer, max_epochs),
-        "global_steps": trainer.global_step,
-        "torch_threads": torch.get_num_threads(),
         "best_checkpoint": best_path,
+        "fit_wall_seconds": round(fit_wall_seconds, 2),
+        "test_wall_seconds": round(test_wall_seconds, 2),
+        "peak_memory_scope": memory.scope,
+        "excluded_metrics": "exact" if excluded_short_rate == 0 else (
+            f"approximate: {excluded_short_rate:.1%} of test cases got fewer than {max(model.ks)} items after "
+            "excluding history items (the model returned too few candidates)"
+        ),
         "trainer_overrides": {k: str(v) for k, v in trainer_overrides.items()},
         "data_overrides": {k: str(v) for k, v in data_overrides.items()},
     }
@@ -329,10 +431,11 @@ def run_one(
         "dataset": data.name,
         "protocol": data.split,
         "model": type(model).__name__,
-        "config": spec.model_config,
+        "config": spec.config,
         "seed": spec.seed,
         "profile": profile.name,
-        **{name: round(float(test_metrics[f"test/{name}"]), 6) for name in METRIC_COLUMNS},
+        **{name: round(float(test_metrics[f"test/{name}"]), 6) for name in (*METRIC_COLUMNS, *EXCLUDED_METRIC_COLUMNS)},
+        "excluded_short_rate": round(excluded_short_rate, 6),
         "invalid_id_rate": (
             round(float(test_metrics["test/invalid_id_rate"]), 6) if "test/invalid_id_rate" in test_metrics else None
         ),
@@ -340,49 +443,67 @@ def run_one(
         "parameters": model.num_parameters(),
         "epochs": trainer.current_epoch,
         "best_epoch": best_epoch,
+        "global_steps": trainer.global_step,
+        "stopped_by": stopped_by,
+        "converged": stopped_by in CONVERGED_STOPS,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": (
             round(sum(epoch_log.epoch_seconds) / len(epoch_log.epoch_seconds), 3) if epoch_log.epoch_seconds else None
         ),
         "test_users_per_second": round(float(test_metrics["test/users_per_second"]), 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_mb": round(memory.peak_mb(), 1),
         "device": device_name(),
         "precision": str(trainer.precision),
+        "threads": torch.get_num_threads(),
         "world_size": trainer.world_size,
         "val_subset": profile.val_subset,
-        "exclude_history": model.exclude_history,
         "git_commit": commit,
         "config_hash": _config_hash(resolved),
         "data_fingerprint": data.fingerprint,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "run_id": spec.run_id,
+        "run_id": run_id,
         "notes": json.dumps(notes, sort_keys=True),
         "schema_version": ROW_SCHEMA_VERSION,
     }
-    out = results_dir / "runs" / spec.run_id
+    out = results_dir / "runs" / run_id
     atomic_write_text(out / "config.json", json.dumps(resolved, indent=2, default=str))
     atomic_write_text(out / "metrics.json", json.dumps(row, indent=2, default=str))
     cases = polars.DataFrame(
         {
             "case": model.test_cases.numpy(),
             "user": model.test_case_users.numpy(),
-            **{name: model.test_case_values[:, i].numpy() for i, name in enumerate(metric_names(model.ks))},
+            **{name: model.test_case_values[:, i].numpy() for i, name in enumerate(model.case_value_names)},
         }
     )
     with tempfile.NamedTemporaryFile(dir=out, suffix=".parquet.tmp", delete=False) as handle:
         cases.write_parquet(handle.name)
     os.replace(handle.name, out / "cases.parquet")
-    append_row(results_dir / f"{data.name}.csv", row, replace=force)
+    for old in append_row(results_dir / f"{data.name}.csv", row, replace=force):
+        # A replaced row's per-case values and config describe a run that no longer has a row.
+        if old["run_id"] != run_id:
+            shutil.rmtree(results_dir / "runs" / old["run_id"], ignore_errors=True)
     return row
 
 
-def _stop_reason(timer: Timer, trainer: pl.Trainer, max_epochs: int) -> str:
+def stop_reason(
+    timer: Timer,
+    early_stopping: EarlyStopping,
+    trainer: pl.Trainer,
+    model: SeqRecModel,
+    max_epochs: int,
+    max_steps: int | None,
+) -> str:
+    """Why a fit ended: one of :data:`STOP_REASONS`."""
     remaining = timer.time_remaining()
     if remaining is not None and remaining <= 0:
-        return "time budget"
-    if trainer.current_epoch >= max_epochs:
-        return "max epochs"
-    return "early stopping" if trainer.should_stop else "finished"
+        return "time limit"
+    if early_stopping.stopped_epoch > 0 or (trainer.should_stop and early_stopping.wait_count >= early_stopping.patience):
+        return "early stopping"
+    if model.max_useful_epochs is not None and trainer.current_epoch >= model.max_useful_epochs:
+        return "complete"
+    if max_steps is not None and trainer.global_step >= max_steps:
+        return "step cap"
+    return "epoch cap"
 
 
 def summary_line(row: dict[str, object]) -> str:
@@ -390,14 +511,11 @@ def summary_line(row: dict[str, object]) -> str:
         f"{row['dataset']} {row['config']} seed={row['seed']} [{row['profile']}]: "
         f"R@10={float(row['recall@10']):.4f} N@10={float(row['ndcg@10']):.4f} "
         f"R@20={float(row['recall@20']):.4f} N@20={float(row['ndcg@20']):.4f} "
-        f"epochs={row['epochs']} (best {row['best_epoch']}) train={float(row['train_seconds']):.0f}s "
+        f"N@10(excl)={float(row['ndcg@10_excl']):.4f} "
+        f"epochs={row['epochs']} (best {row['best_epoch']}, {row['stopped_by']}, "
+        f"{'converged' if row['converged'] else 'NOT converged'}) train={float(row['train_seconds']):.0f}s "
         f"test={float(row['test_users_per_second']):.0f} users/s"
     )
-
-
-def model_class_name(model_config: str) -> str:
-    """The class a model config names, without building the model."""
-    return str(yaml.safe_load(Path(resolve_config("model", model_config)).read_text())["class_path"]).rsplit(".", 1)[-1]
 
 
 def existing_keys(results_dir: Path, dataset_name: str) -> set[tuple[str, ...]]:
@@ -410,12 +528,15 @@ def bench(
     seeds: Sequence[int] = (1,),
     profile: str = "quick",
     force: bool = False,
-    results_dir: Path = Path("results"),
+    results_dir: Path | None = None,
+    reference_dir: Path = REFERENCE_RESULTS_DIR,
     work_dir: Path = Path("runs/bench"),
+    threads: int | None = None,
     trainer_overrides: dict[str, object] | None = None,
     data_overrides: dict[str, object] | None = None,
 ) -> list[dict[str, object]]:
-    """Fit and test every (model config, seed) on ``dataset`` under ``profile``; one row each.
+    """Fit and test every (model config, seed) on ``dataset`` under ``profile``; one row each, then
+    the rows beside the stored reference rows of the same dataset, protocol and profile.
 
     Args:
         dataset: data short name or YAML.
@@ -423,40 +544,54 @@ def bench(
         seeds: seeds to run.
         profile: smoke, quick, paper or a profile YAML.
         force: rerun and replace rows that exist.
-        results_dir: where rows and run directories are written.
+        results_dir: where rows and run directories are written (default: ``$RECBENCH_RESULTS_DIR``,
+            else the git-ignored ``runs/results``; pass ``results`` to store into the reference).
+        reference_dir: the stored leaderboard the rows are compared with at the end.
         work_dir: checkpoints and logs.
+        threads: torch CPU threads (default: every core this process may use; recorded per row).
         trainer_overrides: Trainer keyword arguments that replace the profile's.
         data_overrides: datamodule ``init_args`` that replace the data config's.
     """
+    from benchmark.leaderboard import print_reference_comparison
+
+    results_dir = resolve_results_dir(results_dir)
     trainer_overrides = dict(trainer_overrides or {})
     data_overrides = dict(data_overrides or {})
+    torch.set_num_threads(threads or available_cores())
     loaded_profile = load_profile(profile)
     model_names = list(models) if models else default_models()
+    for name in model_names:  # every name checked before the first fit, not after an hour of them
+        if not Path(resolve_config("model", name)).is_file():
+            raise ConfigError(f"unknown model {name!r}: expected a YAML path or one of {', '.join(config_names('model'))}")
     data = instantiate_data(dataset, **data_overrides)
+    overrides_key = tuple(sorted((key, json.dumps(value, default=str)) for key, value in data_overrides.items()))
     # Decided once, before any run: under DDP every process re-executes this and must agree.
     done = existing_keys(results_dir, data.name)
-    specs = [RunSpec(dataset, model_config_for(m, loaded_profile), s, loaded_profile) for m in model_names for s in seeds]
+    specs = [
+        RunSpec(dataset, model_config_for(m, loaded_profile), s, loaded_profile, overrides_key)
+        for m in model_names
+        for s in seeds
+    ]
+    print(f"bench: {len(specs)} run(s) of {data.name} [{loaded_profile.name}] into {results_dir} "
+          f"({torch.get_num_threads()} torch threads on {device_name()})", flush=True)
     started = time.perf_counter()
     rows = []
     for index, spec in enumerate(specs, 1):
         key = _row_key(
-            {
-                "dataset": data.name,
-                "protocol": data.split,
-                "model": model_class_name(spec.model_config),
-                "config": spec.model_config,
-                "seed": spec.seed,
-                "profile": loaded_profile.name,
-                "device": device_name(),
-            }
+            {"dataset": data.name, "protocol": data.split, "config": spec.config, "seed": spec.seed,
+             "profile": loaded_profile.name}
         )
         if key in done and not force:
-            print(f"[{index}/{len(specs)}] skip {spec.run_id}: already in {results_dir / (data.name + '.csv')}")
+            print(f"[{index}/{len(specs)}] skip {spec.config} seed {spec.seed}: already in "
+                  f"{results_dir / (data.name + '.csv')}")
             continue
-        print(f"[{index}/{len(specs)}] {spec.run_id}")
+        print(f"[{index}/{len(specs)}] {spec.run_id}", flush=True)
+        run_started = time.perf_counter()
         row = run_one(spec, results_dir, work_dir, trainer_overrides, data_overrides, force)
         if row:
             rows.append(row)
-            print(summary_line(row), flush=True)
+            print(f"{summary_line(row)} [{time.perf_counter() - run_started:.0f} s]", flush=True)
     print(f"bench finished: {len(rows)} runs in {time.perf_counter() - started:.0f} s")
+    if rows and Path(reference_dir).resolve() != results_dir.resolve():
+        print_reference_comparison(results_dir, Path(reference_dir), data.name, data.split, loaded_profile.name)
     return rows

@@ -1,8 +1,9 @@
 """The file side of the result store, free of torch and Lightning.
 
 ``recbench leaderboard`` reads the stored rows and renders them; it must start in well under two
-seconds, so the helpers it shares with the runner live here rather than in :mod:`benchmark.run`,
-whose imports (torch, Lightning) take several seconds. :mod:`benchmark.run` re-exports them.
+seconds, so what it shares with the runner (where rows live, the metric column names, locked and
+atomic file access) lives here rather than in :mod:`benchmark.run`, whose imports (torch, Lightning)
+take several seconds. :mod:`benchmark.run` re-exports all of it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from recbench.metric_names import EXCLUDED_SUFFIX, metric_names
+
+METRIC_COLUMNS = metric_names((5, 10, 20))
+#: The same metrics with history items excluded from the ranking (RecBole / RecTools protocol).
+EXCLUDED_METRIC_COLUMNS = [f"{name}{EXCLUDED_SUFFIX}" for name in METRIC_COLUMNS]
+#: Where a user's bench writes unless told otherwise (git-ignored); ``results/`` is the reference.
+LOCAL_RESULTS_DIR = Path("runs/results")
+REFERENCE_RESULTS_DIR = Path("results")
+
+
+def resolve_results_dir(results_dir: Path | None) -> Path:
+    """``results_dir``, else ``$RECBENCH_RESULTS_DIR``, else the git-ignored :data:`LOCAL_RESULTS_DIR`."""
+    if results_dir is not None:
+        return Path(results_dir)
+    return Path(os.environ.get("RECBENCH_RESULTS_DIR") or LOCAL_RESULTS_DIR)
 
 
 @contextlib.contextmanager

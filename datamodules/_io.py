@@ -1,7 +1,22 @@
-"""Located readers shared by the dataset parsers (amazon.py, steam.py, yoochoose.py).
+r"""Located readers shared by the dataset parsers (amazon.py, steam.py, yoochoose.py).
 
 Every problem in a raw file becomes a :class:`~recbench.data.DataFormatError` naming the file, the
-line (1-based) and the reason, never a traceback from inside gzip, json, ast or polars:
+line (1-based) and the reason, never a traceback from inside gzip, json, ast or polars.
+
+Rules shared by every reader (one rule per question, so no reader accepts what another rejects):
+
+- Line ends: ``\n`` or ``\r\n``. A carriage return NOT followed by ``\n`` (old-Mac line ends, a
+  pasted line) is a located error ("bare carriage return"), never whitespace and never a line end:
+  taken as whitespace it merged two users of an id-sequence file into one, and taken as a line end
+  it would shift every later line number away from what editors and ``wc -l`` show. The fix is
+  one command (``tr '\r' '\n'``), and the error says where.
+- A UTF-8 byte-order mark at the very start of a file is accepted and dropped (editors on Windows
+  write one); anywhere else U+FEFF is an ordinary character (and not an id).
+- Compression is chosen by the name: ``.gz`` is read as gzip, anything else as plain text. A plain
+  name whose bytes start with the gzip magic is a located error that says to rename or decompress it
+  (never the binary bytes in a message); a ``.gz`` name with plain bytes is a corrupt gzip stream.
+- Integers must fit int64 (the canonical tables' type); a larger value is a located error, not an
+  overflow inside polars. Structures nested beyond the parsers' limits are located errors too.
 
 - :func:`iter_lines` streams the lines of a plain or gzip file; a truncated or corrupt gzip stream
   (``EOFError``, ``gzip.BadGzipFile``, ``zlib.error``) or bytes that are not UTF-8 are reported at
@@ -34,16 +49,64 @@ import polars
 
 from recbench.data import DataFormatError
 
-# Anything outside this set in an id-sequence file is an error (see read_id_sequences).
+# Anything outside this set in an id-sequence file is an error (see read_id_sequences). A bare \r
+# never reaches this check: read_text rejects it first.
 _NOT_ID_TEXT = re.compile(r"[^0-9 \t\r\n]")
 # int64 holds every 18-digit number; longer tokens are rejected instead of overflowing.
 _MAX_ID_DIGITS = 18
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
+_BARE_CR = re.compile(rb"\r(?!\n)")
+# Chunk size of the bare-CR scan over plain files that polars memory-maps.
+_SCAN_CHUNK = 1 << 24
+
+
+def _bare_cr_error(path: Path, line: int, column: int) -> DataFormatError:
+    return DataFormatError(
+        path,
+        line,
+        f"bare carriage return at column {column} (a \\r not followed by \\n: old-Mac line ends or a "
+        "pasted line); recbench takes only \\n or \\r\\n as a line end, so convert the file's line ends "
+        "to \\n (e.g. tr '\\r' '\\n')",
+    )
+
+
+def _check_bare_cr(path: Path, data: bytes, first_line: int = 1, line_start: int = 0) -> None:
+    """Raise for the first ``\\r`` of ``data`` not followed by ``\\n`` (see the module docstring).
+
+    ``first_line`` is the line number at ``data[0]`` and ``line_start`` the offset where that line
+    began (negative when it began in an earlier chunk), for located errors in chunked scans.
+    """
+    bare = _BARE_CR.search(data)
+    if bare is None:
+        return
+    position = bare.start()
+    newlines = data.count(b"\n", 0, position)
+    start = data.rfind(b"\n", 0, position) + 1 if newlines else line_start
+    raise _bare_cr_error(path, first_line + newlines, position - start + 1)
+
+
+def _reject_gzip_named_plain(path: Path, head: bytes) -> None:
+    if head.startswith(_GZIP_MAGIC):
+        raise DataFormatError(
+            path,
+            1,
+            f"the file is gzip-compressed, but its name does not end in .gz: rename it to {path.name}.gz "
+            "or decompress it",
+        )
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
+    handle = open(path, "rb")
+    try:
+        _reject_gzip_named_plain(path, handle.peek(2)[:2])
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -57,11 +120,18 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
         with _open_binary(path) as handle:
             for raw in handle:
                 number += 1
+                if number == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                # Only "\n" or "\r\n" ends a line; any other "\r" is bare (module docstring).
+                body = raw[:-1] if raw.endswith(b"\n") else raw
+                body = body[:-1] if body.endswith(b"\r") and raw.endswith(b"\n") else body
+                if b"\r" in body:
+                    raise _bare_cr_error(path, number, body.index(b"\r") + 1)
                 try:
-                    text = raw.decode("utf-8")
+                    text = body.decode("utf-8")
                 except UnicodeDecodeError as error:
                     raise DataFormatError(path, number, f"not valid UTF-8 ({error.reason})") from None
-                yield number, text.rstrip("\r\n")
+                yield number, text
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise DataFormatError(
             path, number + 1, f"truncated or corrupt gzip stream after {number} lines ({error})"
@@ -84,6 +154,9 @@ def read_text(path: Path) -> str:
             path, lines + 1, f"truncated or corrupt gzip stream after {lines} lines ({error})"
         ) from None
     data = b"".join(chunks)
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    _check_bare_cr(path, data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -100,9 +173,16 @@ def parse_json_line(path: Path, line: int, text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataFormatError(path, line, f"malformed JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise DataFormatError(path, line, "malformed JSON (nested too deeply to parse)") from None
     if not isinstance(value, dict):
         raise DataFormatError(path, line, f"expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _too_deep(error: BaseException) -> bool:
+    """Python's parser says "too many nested parentheses"; the evaluators raise RecursionError."""
+    return isinstance(error, RecursionError) or "too many nested" in str(error)
 
 
 def parse_literal_line(path: Path, line: int, text: str) -> dict:
@@ -116,8 +196,11 @@ def parse_literal_line(path: Path, line: int, text: str) -> dict:
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
-            reason = getattr(error, "msg", None) or str(error) or type(error).__name__
+        except (json.JSONDecodeError, RecursionError) as json_error:
+            if _too_deep(error) or _too_deep(json_error):
+                reason = "nested too deeply to parse"
+            else:
+                reason = getattr(error, "msg", None) or str(error) or type(error).__name__
             raise DataFormatError(path, line, f"malformed Python literal ({reason})") from None
     if not isinstance(value, dict):
         raise DataFormatError(path, line, f"expected a dict literal, got {type(value).__name__}")
@@ -142,6 +225,8 @@ def require_int(path: Path, line: int, record: dict, key: str) -> int:
     if isinstance(value, bool):
         raise DataFormatError(path, line, f"field {key!r} must be an integer, got {value!r}")
     if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise DataFormatError(path, line, f"field {key!r} is out of the int64 range, got {str(value)[:40]}")
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= _MAX_ID_DIGITS:
         return int(value)
@@ -270,64 +355,117 @@ def read_delimited(
     """Read a delimited file with every column as text, plus ``line``: the 1-based line of each row.
 
     With ``header`` the first line must start with exactly those names (extra columns are allowed
-    and ignored). Without it the first ``len(columns)`` fields of every row are named ``columns``
-    (the official .dat files). Plain files go to polars directly (memory-mapped, so the 1.4 GB
-    ``yoochoose-clicks.dat`` is not copied into Python); gzip files are decompressed with the
-    located errors of :func:`read_text`. Polars keeps a blank or short line as a row with nulls, so
-    row ``i`` is always line ``first_row + i`` and such a line is reported where it is.
+    and ignored; a row may not have more fields than the header). Without it (the official .dat
+    files) ``columns`` names EVERY field, and every row must have exactly ``len(columns)``
+    non-empty fields: keeping the first columns of a wider row would silently lose what the rest
+    holds (a file with CR-only line ends is one wide row), so a wrong width is a located error.
+    Plain files go to polars directly (memory-mapped, so the 1.4 GB ``yoochoose-clicks.dat`` is not
+    copied into Python) after a chunked scan for bare carriage returns; gzip files are decompressed
+    with the located errors of :func:`read_text`. Polars keeps a blank or short line as a row with
+    nulls, so row ``i`` is always line ``first_row + i`` and such a line is reported where it is.
     """
     if path.stat().st_size == 0:
         raise DataFormatError(path, 1, "empty file")
-    source: Path | bytes = read_text(path).encode() if path.suffix == ".gz" else path
-    first_row, width = 1, None
+    if path.suffix == ".gz":
+        source: Path | bytes = read_text(path).encode()
+        first_line = source.split(b"\n", 1)[0]
+    else:
+        source = path
+        first_line = _scan_plain(path)
+    first_row, width = 1, len(columns) if header is None else None
     if header is not None:
-        if isinstance(source, bytes):
-            first_line = source.split(b"\n", 1)[0].decode()
-        else:
-            with open(path, "rb") as handle:
-                first_line = handle.readline().decode("utf-8", errors="replace")
-        names = first_line.rstrip("\r\n").split(separator)
+        names = first_line.decode("utf-8", errors="replace").rstrip("\r").split(separator)
         if names[: len(header)] != header:
-            raise DataFormatError(
-                path, 1, f"header must start with {separator.join(header)!r}, got {first_line.rstrip()!r}"
-            )
+            shown = ascii(first_line.rstrip(b"\r")[:120].decode("utf-8", errors="replace"))
+            raise DataFormatError(path, 1, f"header must start with {separator.join(header)!r}, got {shown}")
         first_row, width = 2, len(names)
     try:
         frame = polars.read_csv(
-            source, separator=separator, has_header=header is not None, infer_schema=False, quote_char=None
+            source,
+            separator=separator,
+            has_header=header is not None,
+            infer_schema=False,
+            quote_char=None,
+            # Without a header the width is fixed, so a wider row is an error instead of a wider frame.
+            schema=None if header is not None else {name: polars.String() for name in columns},
         )
     except polars.exceptions.PolarsError as error:
-        _locate_unreadable(path, separator, first_row, width)
+        _locate_unreadable(path, separator, first_row, width, columns if header is None else None)
         raise DataFormatError(path, None, f"unreadable delimited file ({error})") from None
     if frame.height == 0:
         raise DataFormatError(path, first_row, "no data rows")
-    if header is None:
-        if frame.width < len(columns):
-            raise DataFormatError(path, 1, f"expected at least {len(columns)} fields, got {frame.width}")
-        frame = frame.rename(dict(zip(frame.columns[: len(columns)], columns, strict=False)))
-    frame = frame.select(columns).with_columns(
-        line=polars.int_range(first_row, first_row + frame.height, dtype=polars.Int64)
-    )
-    missing = frame.filter(polars.any_horizontal(polars.col(columns).is_null()))
+    required = columns if header is not None else frame.columns
+    frame = frame.with_columns(line=polars.int_range(first_row, first_row + frame.height, dtype=polars.Int64))
+    missing = frame.filter(polars.any_horizontal(polars.col(required).is_null()))
     if missing.height:
         row = missing.row(0, named=True)
-        if all(row[c] is None for c in columns):
+        if all(row[c] is None for c in frame.columns if c != "line"):
             raise DataFormatError(path, row["line"], "empty line")
+        if header is None:
+            # Polars reads a missing trailing field and an empty one alike; the line says which.
+            fields = _line_text(path, row["line"]).split(separator)
+            if len(fields) != len(columns):
+                raise DataFormatError(path, row["line"], _width_reason(len(columns), len(fields), columns))
+            column = next(c for c in columns if row[c] is None)
+            raise DataFormatError(path, row["line"], f"empty value for {column!r}")
         column = next(c for c in columns if row[c] is None)
         raise DataFormatError(path, row["line"], f"missing value for {column!r} (too few fields)")
-    return frame
+    return frame.select(*columns, "line")
 
 
-def _locate_unreadable(path: Path, separator: str, first_row: int, width: int | None) -> None:
-    """After polars refused a file, find the first line that is not UTF-8 or has too many fields."""
+def _width_reason(expected: int, got: int, names: list[str] | None) -> str:
+    reason = f"expected {expected} fields, got {got}"
+    return f"{reason} (the columns are {', '.join(names)})" if names else reason
+
+
+def _scan_plain(path: Path) -> bytes:
+    """Check a plain file polars will memory-map: not gzip, no bare CR. Returns its first line.
+
+    Chunked, so a 1.4 GB file is never held in memory; a BOM needs nothing here (polars drops it,
+    as :func:`read_text` does) but is removed from the returned first line.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(_SCAN_CHUNK)
+        _reject_gzip_named_plain(path, head)
+        first_line = head.split(b"\n", 1)[0]
+        first_line = first_line[len(_BOM) :] if first_line.startswith(_BOM) else first_line
+        line, line_start, chunk = 1, 0, head
+        while chunk:
+            if chunk.endswith(b"\r"):
+                chunk += handle.read(1)  # is the \r at the chunk's end followed by \n?
+            _check_bare_cr(path, chunk, line, line_start)
+            newlines = chunk.count(b"\n")
+            last = chunk.rfind(b"\n")
+            line_start = last + 1 - len(chunk) if newlines else line_start - len(chunk)
+            line += newlines
+            chunk = handle.read(_SCAN_CHUNK)
+    return first_line
+
+
+def _line_text(path: Path, line: int) -> str:
+    """The text of one line (error path only: reads up to it)."""
+    for number, text in iter_lines(path):
+        if number == line:
+            return text
+    return ""
+
+
+def _locate_unreadable(
+    path: Path, separator: str, first_row: int, width: int | None, names: list[str] | None = None
+) -> None:
+    """After polars refused a file, find the first line that is not UTF-8 or has a wrong width.
+
+    With ``names`` (a headerless file of fixed width) a line with fewer fields is wrong too: polars
+    refuses a file whose rows are ALL narrower than its schema.
+    """
     widths = width
     for number, line in iter_lines(path):
         if number < first_row or not line.strip():
             continue
         fields = line.split(separator)
         widths = widths or len(fields)
-        if len(fields) > widths:
-            raise DataFormatError(path, number, f"expected {widths} fields, got {len(fields)}")
+        if len(fields) > widths or (names is not None and len(fields) != widths):
+            raise DataFormatError(path, number, _width_reason(widths, len(fields), names))
 
 
 def cast_int_column(frame: polars.DataFrame, path: Path, column: str, what: str) -> polars.Series:

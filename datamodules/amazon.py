@@ -14,7 +14,8 @@ chronological order; there are no timestamps, so ``order`` is the 0-based positi
 ``title``, ``brand``, ``categories`` (list of lists), ``price``, ``title_fragment``. Every one of these
 columns is always present in the items table, null where an item lacks it, so the statistics show
 e.g. that Sports has no full titles. Other keys are ignored. ``users.tsv`` (user -> reviewer id) is
-not needed and not read. User and item ids are kept as written. These files reproduce the published
+not needed and not read. User and item ids are kept as written. Two items with the same ``asin``
+are both kept (their ids are as written) and counted in the cache metadata's ``duplicates``. These files reproduce the published
 statistics exactly: Beauty 22,363 users / 12,101 items / 198,502 interactions, Sports 35,598 /
 18,357 / 296,337, Toys 19,412 / 11,924 / 167,597.
 

@@ -31,7 +31,10 @@ Item ids are renumbered 1.. densely in first-seen order of the files (train then
 id is kept in the items table as ``raw_item_id``.
 
 ``official`` (``<data_dir>/yoochoose-clicks.dat``): the challenge's CSV without header: session id,
-ISO timestamp (``2014-04-07T10:51:09.277Z``), item id, category. Same rules as ``clicks_tsv``
+ISO timestamp (``2014-04-07T10:51:09.277Z``), item id, category; every row must have exactly
+these 4 non-empty fields (buys: session, timestamp, item, price, quantity: 5), so a wider or
+narrower row (a CR-only file read as one wide row, a buys row in the clicks file) is a located
+error instead of silently losing what the other fields hold. Same rules as ``clicks_tsv``
 (order = timestamp in ms, stable ties, items renumbered in first-seen order, ``raw_item_id``
 kept). The category column is not used: it describes the click context ("0", "S" for a special
 offer, 1..12 or a brand id) and changes between clicks of one item, so it is not item text.
@@ -74,6 +77,11 @@ YooChooseFormat = Literal["auto", "rc15", "clicks_tsv", "official"]
 
 #: DreamRec's item count (its ids 0..9513, stored here as 1..9514).
 RC15_NUM_ITEMS = 9_514
+#: |Time| limit of the TSV reader: milliseconds below it fit int64 (2**63 ms is about 9.2e15 s).
+_MAX_TIME_SECONDS = 9e15
+#: Every field of a row of the official files, in order (a row must have exactly these).
+CLICKS_DAT_COLUMNS = ["session", "timestamp", "item", "category"]
+BUYS_DAT_COLUMNS = ["session", "timestamp", "item", "price", "quantity"]
 #: The full DreamRec/SQN RC15 set, of which only the validation and test sessions are available.
 RC15_PUBLISHED = {"items": 9_514, "sessions": 128_468, "interactions": 539_436}
 
@@ -262,6 +270,13 @@ def read_clicks_tsv(paths: list[Path]) -> CanonicalTables:
         if bad.any():
             row = frame.filter(bad).row(0, named=True)
             raise DataFormatError(path, row["line"], f"Time must be a number of seconds, got {row['Time']!r}")
+        # ``order`` is Int64 milliseconds: a larger time would overflow inside polars' cast.
+        too_large = time.abs() >= _MAX_TIME_SECONDS
+        if too_large.any():
+            row = frame.filter(too_large).row(0, named=True)
+            raise DataFormatError(
+                path, row["line"], f"Time is out of range (|Time| must be below {_MAX_TIME_SECONDS:.0e} s), got {row['Time'][:40]!r}"
+            )
         frames.append(
             polars.DataFrame(
                 {
@@ -307,13 +322,13 @@ def _read_dat(path: Path, columns: list[str]) -> polars.DataFrame:
 
 def read_official(clicks_path: Path, buys_path: Path | None) -> CanonicalTables:
     """``yoochoose-clicks.dat`` (+ optionally ``yoochoose-buys.dat``) -> tables."""
-    frames = [_read_dat(clicks_path, ["session", "timestamp", "item"])]
+    frames = [_read_dat(clicks_path, CLICKS_DAT_COLUMNS)]
     notes = [
         f"source: official RecSys Challenge 2015 {clicks_path.name}; user = session id; order = timestamp in ms; "
         "ties keep file order; items renumbered in first-seen order (raw id in raw_item_id); category column unused",
     ]
     if buys_path is not None:
-        buys = _read_dat(buys_path, ["session", "timestamp", "item"])
+        buys = _read_dat(buys_path, BUYS_DAT_COLUMNS)
         frames.append(buys)
         notes.append(
             f"{buys.height} purchases from {buys_path.name} added as events (after clicks at equal times)"

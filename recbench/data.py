@@ -12,10 +12,32 @@ Canonical tables (polars, cached as parquet):
 A subclass parses one source format: it implements :meth:`SeqRecDataModule.source_files`,
 :meth:`SeqRecDataModule.preprocessing_signature` and :meth:`SeqRecDataModule.read_tables`.
 
-Cache: ``prepare_data`` writes the tables once into ``<cache_root>/<name>-<fingerprint>/`` where the
-fingerprint hashes the source files' sizes and modification times, the preprocessing signature and
-the parser and cache-format versions. The directory is written under a temporary name and renamed,
-so a crashed or concurrent prepare never leaves a half-written cache. ``setup`` only reads.
+Cache: ``prepare_data`` writes the tables once into ``<cache_root>/<name>-<key>/``.
+
+- The key hashes the CONTENT of every source file (SHA-256, with its file name), the dataset name
+  and class, the preprocessing signature, and the parser and cache-format versions. It does not
+  cover where the files are (a copy of the same files elsewhere shares the cache) nor their
+  times: a same-size edit that keeps the mtime (``cp -p``, ``rsync -t``, ``tar``) changes the key,
+  and a ``touch`` does not. Hashing is memoised in ``<cache_root>/source-hashes/`` by (device,
+  inode, size, mtime, ctime): ctime cannot be set from user space and changes on every write, so a
+  changed file is always hashed again, and the 1.4 GB YooChoose clicks file is hashed once, not on
+  every run. A file changed less than 2 s before it was hashed is not memoised (a second write
+  within the clock tick of the first could keep its ctime).
+- ``meta.json`` records each table's row count, byte size and SHA-256. A cache is verified before
+  it is trusted (once per datamodule object); one that does not verify (a truncated or replaced
+  parquet, a missing or unreadable ``meta.json``, a directory left by an interrupted write) is
+  rebuilt, with a WARNING that says why (:attr:`SeqRecDataModule.cache_problem`).
+- The directory is written under a temporary name and renamed, so a crashed or concurrent prepare
+  never leaves a half-written cache; a damaged directory is first renamed aside, then replaced.
+  ``setup`` only reads.
+- ``fingerprint`` (in every result row) hashes everything a model can read: the interactions and
+  every column of the items table (text included), so two item-text versions never share one.
+- Duplicates are KEPT and counted in ``meta["duplicates"]`` (and ``recbench data stats``): exact
+  duplicate interactions (same user, item and order), repeat interactions (a user's item seen
+  before; exact duplicates included), and items whose raw id (``asin``, ``app_id`` or
+  ``raw_item_id``) repeats an earlier item's. Kept, because the published counts of every source
+  include them and repeat consumption is real; counted, so that a user who wants them dropped
+  knows how many there are.
 
 Splits (``split=``):
 
@@ -64,7 +86,14 @@ from recbench.batch import CASE, HISTORY, PAD_ID, SEQUENCE, TARGET, USER, Batch,
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2
+# 3: content-keyed caches, verified tables, duplicate counts, a fingerprint that covers item text.
+CACHE_FORMAT_VERSION = 3
+_TABLES = ("interactions.parquet", "items.parquet")
+# Raw item id columns, in the order a source would have them (the duplicates rule above).
+RAW_ID_COLUMNS = ("asin", "app_id", "raw_item_id")
+DUPLICATE_EVENTS = "exact duplicate interactions (same user, item and order as another row; kept)"
+REPEAT_EVENTS = "repeat interactions (the user's item seen before, exact duplicates included; kept)"
+DUPLICATE_RAW_IDS = "items sharing a raw id with an earlier item (kept)"
 TEXT_FIELDS: tuple[str, ...] = (
     "title",
     "title_fragment",
@@ -143,6 +172,7 @@ class DatasetStats:
     filtered: dict[str, int]
     cache_path: str
     fingerprint: str
+    duplicates: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -220,9 +250,104 @@ def _fingerprint(parts: dict[str, object]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _file_signature(path: Path) -> dict[str, object]:
+def _stat_key(path: Path) -> tuple[int, ...]:
+    """What identifies one version of a file without reading it (see the module docstring)."""
     stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+# A file whose ctime is this close to the moment it was hashed is hashed again next time.
+_RACY_NS = 2_000_000_000
+# Per process: (resolved path, stat key) -> SHA-256, so a cache_path lookup costs one stat.
+_DIGESTS: dict[tuple[str, tuple[int, ...]], str] = {}
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a file's bytes, memoised by its stat key (in this process and in ``memo_dir``).
+
+    A memo is used only when device, inode, size, mtime and ctime all match; a file whose stat
+    changed while it was hashed is not memoised.
+    """
+    resolved = str(path.resolve())
+    key = _stat_key(path)
+    if (resolved, key) in _DIGESTS:
+        return _DIGESTS[(resolved, key)]
+    memo = memo_dir / f"{hashlib.sha256(resolved.encode()).hexdigest()[:24]}.json" if memo_dir else None
+    if memo is not None and memo.is_file():
+        try:
+            stored = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            stored = None  # a damaged memo is only a lost shortcut: hash again and rewrite it
+        if isinstance(stored, dict) and stored.get("path") == resolved and stored.get("stat") == list(key):
+            _DIGESTS[(resolved, key)] = str(stored["sha256"])
+            return _DIGESTS[(resolved, key)]
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):  # hashlib.file_digest needs Python 3.11
+            sha.update(chunk)
+    digest = sha.hexdigest()
+    # A file changed within the timestamp granularity of the hash ("racily clean", as git calls it)
+    # could change again without a new ctime, so such a hash is used now but not remembered.
+    settled = time.time_ns() - key[4] > _RACY_NS
+    if settled and _stat_key(path) == key:
+        _DIGESTS[(resolved, key)] = digest
+        if memo is not None:
+            _atomic_write_text(memo, json.dumps({"path": resolved, "stat": list(key), "sha256": digest}))
+    return digest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        staging.write_text(text)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _table_record(path: Path) -> dict[str, object]:
+    """What ``meta.json`` records about one written table, to verify it on read."""
+    rows = polars.scan_parquet(path).select(polars.len()).collect().item()
+    return {"rows": int(rows), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def verify_cache(directory: Path, cache_key: str) -> str | None:
+    """Why the cache in ``directory`` cannot be trusted, or ``None`` when it verifies.
+
+    Checks that ``meta.json`` parses and belongs to this key and format, and that every table has the
+    recorded byte size, SHA-256 and row count.
+    """
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        return "meta.json is missing (an interrupted or foreign write)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        return f"meta.json is unreadable ({error})"
+    if not isinstance(meta, dict) or meta.get("cache_format") != CACHE_FORMAT_VERSION or meta.get("cache_key") != cache_key:
+        return "meta.json belongs to another cache key or format"
+    recorded = meta.get("tables")
+    if not isinstance(recorded, dict):
+        return "meta.json records no table checksums"
+    for name in _TABLES:
+        path, expected = directory / name, recorded.get(name)
+        if not isinstance(expected, dict):
+            return f"meta.json records nothing for {name}"
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            return f"{name} has {size} bytes, {expected.get('bytes')} were written"
+        if file_sha256(path) != expected.get("sha256"):
+            return f"{name} does not match its recorded SHA-256"
+        try:
+            rows = polars.scan_parquet(path).select(polars.len()).collect().item()
+        except polars.exceptions.PolarsError as error:
+            return f"{name} is not a readable parquet file ({error})"
+        if rows != expected.get("rows"):
+            return f"{name} has {rows} rows, {expected.get('rows')} were written"
+    return None
 
 
 class SeqRecDataModule(pl.LightningDataModule):
@@ -286,11 +411,17 @@ class SeqRecDataModule(pl.LightningDataModule):
         self._meta: dict[str, object] | None = None
         self._items_table: polars.DataFrame | None = None
         self._flat_items: torch.Tensor | None = None
+        # The cache directory this object has verified (or written); checked once, not per read.
+        self._verified: Path | None = None
+        #: What the last :meth:`prepare_data` found: ``hit`` (a verified cache), ``built`` (none
+        #: existed) or ``rebuilt`` (one existed and did not verify: :attr:`cache_problem` says why).
+        self.cache_outcome: Literal["hit", "built", "rebuilt"] | None = None
+        self.cache_problem: str | None = None
 
     # ------------------------------------------------------------------ subclass contract
     @abstractmethod
     def source_files(self) -> list[Path]:
-        """The raw files :meth:`read_tables` reads (their sizes and mtimes key the cache)."""
+        """The raw files :meth:`read_tables` reads (their contents key the cache)."""
 
     @abstractmethod
     def preprocessing_signature(self) -> str:
@@ -305,67 +436,99 @@ class SeqRecDataModule(pl.LightningDataModule):
         raise MissingDataError(self.name, missing, self.source_reference or "(no public source recorded)")
 
     # ------------------------------------------------------------------ cache
-    @property
-    def cache_path(self) -> Path:
-        """The cache directory for this dataset and these preprocessing options."""
+    def _cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else cache_root()
+
+    def _source_records(self) -> list[dict[str, object]]:
+        """Name and content hash of every source file (downloading missing ones first)."""
         files = self.source_files()
         missing = [p for p in files if not p.exists()]
         if missing:
             self.download(missing)
+        memo = self._cache_root() / "source-hashes"
+        return [{"name": p.name, "sha256": file_sha256(p, memo)} for p in files]
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache directory for these source contents and preprocessing options."""
         parts = {
             "name": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "signature": self.preprocessing_signature(),
             "parser_version": self.parser_version,
             "cache_format": CACHE_FORMAT_VERSION,
-            "files": [_file_signature(p) for p in files],
+            "files": self._source_records(),
         }
-        root = Path(self.cache_dir) if self.cache_dir else cache_root()
-        return root / f"{self.name}-{_fingerprint(parts)}"
+        return self._cache_root() / f"{self.name}-{_fingerprint(parts)}"
 
     def prepare_data(self) -> None:
-        """Parse the raw files once and cache the canonical tables (atomic; safe to race)."""
+        """Parse the raw files once and cache the canonical tables (atomic; safe to race).
+
+        An existing cache is verified first (:func:`verify_cache`) and rebuilt when it does not
+        verify; :attr:`cache_outcome` and :attr:`cache_problem` say which happened.
+        """
         target = self.cache_path
-        if (target / "meta.json").exists():
+        if self._verified == target:
+            self.cache_outcome, self.cache_problem = "hit", None
             return
+        problem = verify_cache(target, _cache_key(target)) if target.exists() else None
+        if target.exists() and problem is None:
+            self._verified, self.cache_outcome, self.cache_problem = target, "hit", None
+            return
+        if problem is not None:
+            log.warning("%s: the cache %s did not verify (%s); rebuilding it", self.name, target, problem)
         started = time.perf_counter()
         log.info("preparing %s into %s", self.name, target)
+        stats_before = {str(p): _stat_key(p) for p in self.source_files()}
         tables = self.read_tables()
+        changed = [p for p in self.source_files() if stats_before.get(str(p)) != _stat_key(p)]
+        if changed:
+            raise DataFormatError(changed[0], None, "the file changed while it was being read; run again")
         interactions, items = _canonicalise(tables, self.name)
         lengths = interactions.group_by("user").len()["len"]
-        meta = {
-            "name": self.name,
-            "signature": self.preprocessing_signature(),
-            "cache_key": target.name.rsplit("-", 1)[-1],
-            "fingerprint": _content_hash(interactions, items),
-            "recbench_version": __version__,
-            "order_is_time": tables.order_is_time,
-            "users": int(lengths.len()),
-            "items": int(items.height),
-            "interactions": int(interactions.height),
-            "filtered": dict(tables.filtered),
-            "notes": list(tables.notes),
-            "source_files": [_file_signature(p) for p in self.source_files()],
-            "prepare_seconds": round(time.perf_counter() - started, 3),
-        }
+        duplicates = _count_duplicates(interactions, items)
         for reason, count in tables.filtered.items():
             log.warning("%s: %d rows filtered (%s)", self.name, count, reason)
+        for reason in (DUPLICATE_EVENTS, DUPLICATE_RAW_IDS):
+            if duplicates.get(reason):
+                log.warning("%s: %d %s", self.name, duplicates[reason], reason)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         staging.mkdir()
         try:
             interactions.write_parquet(staging / "interactions.parquet")
             items.write_parquet(staging / "items.parquet")
+            meta = {
+                "name": self.name,
+                "signature": self.preprocessing_signature(),
+                "cache_key": _cache_key(target),
+                "cache_format": CACHE_FORMAT_VERSION,
+                "fingerprint": _content_hash(interactions, items),
+                "recbench_version": __version__,
+                "order_is_time": tables.order_is_time,
+                "users": int(lengths.len()),
+                "items": int(items.height),
+                "interactions": int(interactions.height),
+                "filtered": dict(tables.filtered),
+                "duplicates": duplicates,
+                "notes": list(tables.notes),
+                "source_files": [
+                    {"path": str(p.resolve()), **record}
+                    for p, record in zip(self.source_files(), self._source_records(), strict=True)
+                ],
+                "tables": {name: _table_record(staging / name) for name in _TABLES},
+                "prepare_seconds": round(time.perf_counter() - started, 3),
+            }
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            try:
-                staging.rename(target)
-            except OSError:
-                if not (target / "meta.json").exists():
-                    raise
-                # Another process finished the same cache first; its content is identical.
+            _install(staging, target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
+        self._verified = target
+        self._meta = None  # a rebuilt cache may differ from what an earlier read saw
+        self._items_table = None
+        self.cache_outcome = "rebuilt" if problem is not None else "built"
+        self.cache_problem = problem
 
     @property
     def meta(self) -> dict[str, object]:
@@ -414,6 +577,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             filtered=dict(self.meta["filtered"]),  # type: ignore[arg-type]
             cache_path=str(self.cache_path),
             fingerprint=self.fingerprint,
+            duplicates=dict(self.meta["duplicates"]),  # type: ignore[arg-type]
         )
 
     # ------------------------------------------------------------------ splits
@@ -627,12 +791,63 @@ class SeqRecDataModule(pl.LightningDataModule):
         return {"dataset": self.name, "protocol": self.split, "fingerprint": self.fingerprint, **asdict(counts)}
 
 
+def _cache_key(directory: Path) -> str:
+    return directory.name.rsplit("-", 1)[-1]
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` directory to ``target``.
+
+    When ``target`` exists it either verifies (another process finished the same cache first: its
+    content is identical, keep it) or it is damaged: it is renamed aside (atomic, so readers see
+    the old or the new directory, never a mix), replaced, and deleted.
+    """
+    for _ in range(3):
+        try:
+            staging.rename(target)
+            return
+        except OSError:
+            if not target.exists():
+                continue  # it vanished between the two calls (another process moved it aside)
+            if verify_cache(target, _cache_key(target)) is None:
+                return
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                target.rename(stale)
+            except FileNotFoundError:
+                continue  # another process moved it aside first
+            shutil.rmtree(stale, ignore_errors=True)
+    raise OSError(f"could not install the cache {target}: another process keeps replacing it")
+
+
 def _content_hash(interactions: polars.DataFrame, items: polars.DataFrame) -> str:
+    """Hash of everything a model can read: the interactions and every column of the items table.
+
+    Item columns are hashed by name, type and values (JSON, so text, lists and numbers are all
+    covered with one stable encoding; polars' own row hash is not stable across versions).
+    """
     digest = hashlib.sha256()
     for column in ("user", "item", "order"):
         digest.update(np.ascontiguousarray(interactions[column].to_numpy(), dtype=np.int64).tobytes())
     digest.update(str(items.height).encode())
+    for column in items.columns:
+        values = json.dumps(items[column].to_list(), ensure_ascii=False, separators=(",", ":"))
+        digest.update(f"\0{column}\0{items[column].dtype}\0".encode())
+        digest.update(values.encode())
     return digest.hexdigest()[:16]
+
+
+def _count_duplicates(interactions: polars.DataFrame, items: polars.DataFrame) -> dict[str, int]:
+    """The duplicate counts of the module docstring's rule (all duplicates are kept)."""
+    counts = {
+        DUPLICATE_EVENTS: interactions.height - interactions.unique(["user", "item", "order"]).height,
+        REPEAT_EVENTS: interactions.height - interactions.unique(["user", "item"]).height,
+    }
+    raw = next((column for column in RAW_ID_COLUMNS if column in items.columns), None)
+    if raw is not None:
+        ids = items[raw].drop_nulls()
+        counts[DUPLICATE_RAW_IDS] = ids.len() - ids.n_unique()
+    return counts
 
 
 def _non_empty(column: polars.Series) -> polars.Series:

@@ -32,6 +32,13 @@ def item_side_cache(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir else cache_root() / "item_side"
 
 
+def item_side_cache_for(data: SeqRecDataModule, cache_dir: str | Path | None = None) -> Path:
+    """The embedding and semantic-ID cache folder of one dataset version: keyed by the data
+    fingerprint (interactions and every item-table column, text included), so entries built from
+    one item-text version are never found for another, whatever the entries' own keys cover."""
+    return item_side_cache(cache_dir) / f"{data.name}-{data.fingerprint}"
+
+
 def item_embeddings_for(
     data: SeqRecDataModule,
     source: Literal["text", "collaborative"] = "text",
@@ -46,7 +53,7 @@ def item_embeddings_for(
     chosen = default_text_fields(items) if source == "text" else []
     if chosen:
         return cached_item_embeddings(
-            items, item_side_cache(cache_dir), encoder=encoder, fields=chosen, show_progress=show_progress
+            items, item_side_cache_for(data, cache_dir), encoder=encoder, fields=chosen, show_progress=show_progress
         )
     flat, offsets = data.train_sequences()
     return collaborative_item_embeddings((flat, offsets), data.num_items, dim=collaborative_dim)
@@ -82,5 +89,5 @@ def semantic_ids_for(
         raise ValueError(f"embeddings cover {embeddings.num_items} items, the data has {data.num_items}")
     with faiss_threads(1):
         return cached_semantic_ids(
-            embeddings.vectors.to(torch.float32), data.train_item_mask(), config, item_side_cache(cache_dir)
+            embeddings.vectors.to(torch.float32), data.train_item_mask(), config, item_side_cache_for(data, cache_dir)
         )

@@ -21,13 +21,10 @@ from torchmetrics import Metric
 
 from recbench.batch import PAD_ID
 
-DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
-METRIC_FAMILIES: tuple[str, ...] = ("recall", "ndcg", "mrr")
-
-
-def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
-    """Names in the fixed reporting order: ``recall@5, ndcg@5, mrr@5, recall@10, ...``."""
-    return [f"{family}@{k}" for k in ks for family in METRIC_FAMILIES]
+# Defined torch-free (the leaderboard reads tables by these names); re-exported here.
+from recbench.metric_names import DEFAULT_KS as DEFAULT_KS
+from recbench.metric_names import METRIC_FAMILIES as METRIC_FAMILIES
+from recbench.metric_names import metric_names as metric_names
 
 
 def target_ranks(ranked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

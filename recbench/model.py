@@ -8,8 +8,18 @@ A model implements two things (RecBole's small contract):
 
 Validation, test and predict steps live here only, so every model is evaluated by the same code:
 full ranking, targets ranked by :class:`~recbench.metrics.RankingMetrics`, model selection on
-``val/ndcg@10``. ``exclude_history=True`` asks the model for ``k + L`` items and drops those in the
-history before keeping ``k``; it is off by default (repeat purchases exist) and is recorded.
+``val/ndcg@10``.
+
+Two protocols from one scoring pass (test only): the primary metrics keep history items in the
+ranking (repeat purchases exist; TIGER and genrec evaluate so), and the ``…_excl`` metrics drop them
+(RecBole's and RecTools/eSASRec's protocol). The model is asked once for ``K + L`` items (L the
+history width); the kept list is its first K, the excluded list the first K that
+are not in the user's history. A model that returns fewer items than asked (a beam narrower than
+K + L) may leave an excluded list short although enough items exist; the share of such cases is
+logged as ``test/excluded_short_rate`` and marks the excluded metrics approximate. Validation
+computes only the kept metrics (model selection uses ``val/ndcg@10``).
+
+Evaluation scores are computed in float32 even when training runs under bf16 autocast.
 
 The base also measures what the leaderboard reports besides quality: ``train/epoch_seconds`` and
 ``test/users_per_second``, and it keeps per-case test metrics for paired significance tests.
@@ -17,6 +27,7 @@ The base also measures what the leaderboard reports besides quality: ``train/epo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import ClassVar, Literal
@@ -25,9 +36,23 @@ import lightning.pytorch as pl
 import torch
 
 from recbench.batch import CASE, HISTORY, PAD_ID, TARGET, USER, Batch
+from recbench.metric_names import EXCLUDED_SUFFIX
 from recbench.metrics import DEFAULT_KS, DecodeStats, RankingMetrics, case_metric_values, metric_names
 
 SELECTION_METRIC = "val/ndcg@10"
+
+
+def _float32_scores(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Evaluation scores in float32: switch off any autocast a bf16 training precision installed."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _distinct_count(history: torch.Tensor) -> torch.Tensor:
+    """Number of distinct real items per row of a (B, L) history."""
+    ordered = torch.sort(history, dim=1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return (first & (ordered != PAD_ID)).sum(dim=1)
 
 
 class SeqRecModel(pl.LightningModule):
@@ -39,7 +64,6 @@ class SeqRecModel(pl.LightningModule):
         lr: learning rate of the default AdamW optimiser.
         weight_decay: AdamW weight decay.
         ks: cut-offs for Recall/NDCG/MRR.
-        exclude_history: drop items of the history from the recommendations.
     """
 
     #: Which training view the model consumes: whole sequences or (history, target) pairs.
@@ -54,7 +78,6 @@ class SeqRecModel(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         ks: Sequence[int] = DEFAULT_KS,
-        exclude_history: bool = False,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -66,9 +89,11 @@ class SeqRecModel(pl.LightningModule):
         self.ks = tuple(sorted(set(ks)))
         if 10 not in self.ks:
             raise ValueError(f"ks must include 10: model selection uses {SELECTION_METRIC}; got {list(ks)}")
-        self.exclude_history = exclude_history
         self.val_metrics = RankingMetrics(self.ks)
         self.test_metrics = RankingMetrics(self.ks)
+        self.test_metrics_excluded = RankingMetrics(self.ks)
+        #: Test cases whose history-excluded list came out shorter than K although enough items exist.
+        self.excluded_short = DecodeStats()
         #: Generative models count invalid decoded IDs here from ``recommend``; logged per stage.
         self.decode_stats = DecodeStats()
         #: After a test epoch: case index, user and metric values (in ``metric_names(ks)`` order) per
@@ -106,22 +131,35 @@ class SeqRecModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation (shared, final)
     def ranked_items(self, history: torch.Tensor, k: int) -> torch.Tensor:
-        """``recommend`` plus the shared post-processing (history exclusion) and checks."""
-        if not self.exclude_history:
+        """``recommend`` in float32, with its output checked: (B, k) item ids, best first."""
+        with _float32_scores(history.device):
             ranked = self.recommend(history, k)
-        else:
-            candidates = self.recommend(history, k + history.shape[1])  # (B, k + L)
-            in_history = (candidates.unsqueeze(2) == history.unsqueeze(1)).any(dim=2) & (candidates != PAD_ID)
-            keep = ~in_history
-            # Stable compaction: kept items first, in their original order.
-            order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-            ranked = torch.where(keep, candidates, torch.zeros_like(candidates)).gather(1, order)[:, :k]
         if ranked.shape != (history.shape[0], k) or ranked.dtype != torch.long:
             raise RuntimeError(
                 f"{type(self).__name__}.recommend must return a LongTensor of shape {(history.shape[0], k)}, "
                 f"got {ranked.dtype} {tuple(ranked.shape)}"
             )
         return ranked
+
+    def ranked_items_both(self, history: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One ``recommend`` call, two protocols: ``(kept (B, k), excluded (B, k), short (B,))``.
+
+        ``kept`` is the model's top k; ``excluded`` the top k of the same list after dropping items of
+        the history (stable: the model's order is kept); ``short`` marks rows whose excluded list has
+        fewer than k items although the catalogue has k items outside the history, i.e. the model
+        returned too few candidates for an exact excluded ranking.
+        """
+        # K + L rather than K + (longest real history): L is static, so no host-device sync.
+        candidates = self.ranked_items(history, k + history.shape[1])  # (B, k + L)
+        kept = candidates[:, :k]
+        in_history = (candidates.unsqueeze(2) == history.unsqueeze(1)).any(dim=2) & (candidates != PAD_ID)
+        # Stable compaction: items outside the history first, in the model's order.
+        order = torch.sort(in_history.to(torch.int8), dim=1, stable=True).indices
+        excluded = torch.where(in_history, torch.zeros_like(candidates), candidates).gather(1, order)[:, :k]
+        distinct_history = _distinct_count(history)
+        possible = torch.clamp(self.num_items - distinct_history, max=k)
+        short = (excluded != PAD_ID).sum(dim=1) < possible
+        return kept, excluded, short
 
     def _evaluate(self, batch: Batch, metrics: RankingMetrics) -> torch.Tensor:
         ranked = self.ranked_items(batch[HISTORY], max(self.ks))
@@ -147,20 +185,32 @@ class SeqRecModel(pl.LightningModule):
         self._clock["test"] = time.perf_counter()
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        ranked = self._evaluate(batch, self.test_metrics)
-        values = case_metric_values(ranked, batch[TARGET], self.ks)
+        kept, excluded, short = self.ranked_items_both(batch[HISTORY], max(self.ks))
+        target = batch[TARGET]
+        self.test_metrics.update(kept, target)
+        self.test_metrics_excluded.update(excluded, target)
+        self.excluded_short.update(short.sum(), short.numel())
+        values = torch.cat(
+            [case_metric_values(kept, target, self.ks), case_metric_values(excluded, target, self.ks)], dim=1
+        )
         self._test_rows.append((batch[CASE].cpu(), batch[USER].cpu(), values.cpu()))
 
     def on_test_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._clock["test"]
         local_cases = sum(len(cases) for cases, _, _ in self._test_rows)
         values = self.test_metrics.compute()
+        excluded = self.test_metrics_excluded.compute()
+        short, cases_counted = self.excluded_short.compute()
         self.test_metrics.reset()
+        self.test_metrics_excluded.reset()
+        self.excluded_short.reset()
         self._log_decode_stats("test")
         self.log_dict({f"test/{name}": value.float() for name, value in values.items()})
+        self.log_dict({f"test/{name}{EXCLUDED_SUFFIX}": value.float() for name, value in excluded.items()})
+        self.log("test/excluded_short_rate", (short / cases_counted.clamp(min=1)).float())
         # Each rank timed its own share in parallel: throughput adds up across ranks.
         self.log("test/users_per_second", local_cases / max(seconds, 1e-9), reduce_fx="sum", sync_dist=True)
-        width = len(metric_names(self.ks))
+        width = len(self.case_value_names)
         cases = torch.cat([c for c, _, _ in self._test_rows]) if self._test_rows else torch.zeros(0, dtype=torch.long)
         users = torch.cat([u for _, u, _ in self._test_rows]) if self._test_rows else torch.zeros(0, dtype=torch.long)
         rows = torch.cat([v for _, _, v in self._test_rows]) if self._test_rows else torch.zeros(0, width)
@@ -171,6 +221,12 @@ class SeqRecModel(pl.LightningModule):
         order = torch.argsort(cases)
         self.test_cases, self.test_case_users, self.test_case_values = cases[order], users[order], rows[order]
         self._test_rows = []
+
+    @property
+    def case_value_names(self) -> list[str]:
+        """Column names of :attr:`test_case_values`: kept metrics, then the ``…_excl`` ones."""
+        names = metric_names(self.ks)
+        return [*names, *(f"{name}{EXCLUDED_SUFFIX}" for name in names)]
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return {USER: batch[USER], "items": self.ranked_items(batch[HISTORY], max(self.ks))}

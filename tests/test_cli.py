@@ -134,3 +134,14 @@ def test_short_names_work_inside_config_files(tmp_path: Path) -> None:
     assert "class_path: baselines.sasrec.SASRec" in result.stdout
     assert "class_path: datamodules.synthetic.SyntheticDataModule" in result.stdout
     assert "max_epochs: 3" in result.stdout
+
+
+def test_comma_lists_dashed_options_and_a_bare_first_value_are_normalised() -> None:
+    from benchmark.function_cli import normalise_argv
+    from benchmark.leaderboard import compare
+    from benchmark.run import bench
+
+    assert normalise_argv(bench, ["--models", "a,b", "--seeds=1", "--results-dir", "r", "--trainer.max_epochs", "2"]) == [
+        "--models", "[a,b]", "--seeds=[1]", "--results_dir", "r", "--trainer.max_epochs", "2"]
+    assert normalise_argv(bench, ["--models", "[a, b]"]) == ["--models", "[a, b]"]
+    assert normalise_argv(compare, ["sasrec_h128", "--dataset", "beauty"])[:2] == ["--run_or_config", "sasrec_h128"]

@@ -626,8 +626,9 @@ def test_bad_clicks_tsv(tmp_path: Path, text: str, line: int, reason: str) -> No
         (
             "1,2014-04-07T10:51:09.277Z,214536502,0\n2,2014-04-07T10:51:09.277Z\n",
             2,
-            "missing value for 'item'",
+            "expected 4 fields, got 2",
         ),
+        ("1,2014-04-07T10:51:09.277Z,214536502,0\n2,2014-04-07T10:51:09.277Z,214536502,\n", 2, "empty value for 'category'"),
     ],
 )
 def test_bad_official_dat(tmp_path: Path, text: str, line: int, reason: str) -> None:
@@ -656,15 +657,16 @@ def test_second_prepare_is_a_cache_hit_and_source_changes_change_the_key(tmp_pat
     assert warm.seconds < 0.05
     assert warm.cache_path == cold.cache_path
     sequences = tmp_path / "pre" / "sequences.txt"
-    # Same size, later mtime: still a new key (the fingerprint includes mtimes).
+    # Same content, later mtime: the same key (the key hashes contents, not times); it is a hit.
     stat = sequences.stat()
     os.utime(sequences, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     fresh = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
-    assert fresh.cache_path != cold.cache_path
+    assert str(fresh.cache_path) == cold.cache_path
+    assert prepare(fresh).cache_hit
     write_text(sequences, "1 1 2\n2 3 4\n")
     changed = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
     report = prepare(changed)
-    assert not report.cache_hit and report.cache_path not in (cold.cache_path, fresh.cache_path)
+    assert not report.cache_hit and report.cache_path != cold.cache_path
     assert changed.meta["interactions"] == 4
 
 
@@ -741,3 +743,331 @@ def test_prepare_speed_on_a_large_sequence_file(tmp_path: Path) -> None:
     dm.prepare_data()
     assert time.perf_counter() - started < 5.0
     assert dm.meta["interactions"] == 200_000
+
+
+# ---------------------------------------------------------------------- hostile input (issue 15)
+_BOM = b"\xef\xbb\xbf"
+_DAT_CLICK = "1,2014-04-07T10:51:09.277Z,214536502,0"
+
+
+def _sources(tmp_path: Path, fmt: str, payload: bytes) -> tuple[object, Path]:
+    """One datamodule per reader whose file under test holds ``payload``; the other files are valid.
+
+    Returns (datamodule, the path of the file under test).
+    """
+    if fmt == "sequences":
+        dm = _amazon_pre(tmp_path, "1 1\n")
+        path = tmp_path / "pre" / "sequences.txt"
+    elif fmt == "items_jsonl":
+        dm = _amazon_pre(tmp_path, "1 1\n")
+        path = tmp_path / "pre" / "items.jsonl"
+    elif fmt == "reviews_gz":
+        amazon_official(tmp_path)
+        dm = AmazonDataModule("beauty", "official", str(tmp_path), cache_dir=str(tmp_path / "c"))
+        path = tmp_path / "reviews_Beauty_5.json.gz"
+    elif fmt == "steam_games_gz":
+        steam_official(tmp_path)
+        dm = SteamDataModule("official", str(tmp_path), min_interactions=3, cache_dir=str(tmp_path / "c"))
+        path = tmp_path / "steam_games.json.gz"
+    elif fmt == "rc15":
+        write_text(tmp_path / "rc15" / "test_sessions.txt", "2 3 4 8\n")
+        dm = YooChooseDataModule("rc15", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+        path = tmp_path / "rc15" / "valid_sessions.txt"
+    elif fmt == "clicks_tsv":
+        write_text(tmp_path / "clicks-100k" / "test.tsv", "SessionId\tItemId\tTime\n9\t2\t3.0\n")
+        dm = YooChooseDataModule("clicks_tsv", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+        path = tmp_path / "clicks-100k" / "train.tsv"
+    elif fmt == "dat":
+        dm = YooChooseDataModule("official", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+        path = tmp_path / "yoochoose-clicks.dat"
+    else:
+        raise AssertionError(fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+    return dm, path
+
+
+_VALID: dict[str, bytes] = {
+    "sequences": b"1 1 2 3\n2 2 3 4\n",
+    "items_jsonl": b'{"item": 1, "asin": "A1"}\n{"item": 2, "asin": "A2"}\n',
+    "reviews_gz": (review("A", "P", 1) + "\n" + review("B", "Q", 2) + "\n").encode(),
+    "steam_games_gz": b"{u'app_name': u'Ten', u'id': u'10'}\n{u'app_name': u'Twenty', u'id': u'20'}\n",
+    "rc15": b"1 2 3\n4 5 6\n",
+    "clicks_tsv": b"SessionId\tItemId\tTime\n1\t2\t3.0\n1\t5\t4.0\n",
+    "dat": f"{_DAT_CLICK}\n2,2014-04-07T10:54:09.868Z,214536500,0\n".encode(),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(_VALID))
+def test_bare_carriage_return_is_a_located_error(tmp_path: Path, fmt: str) -> None:
+    """Item 1: a CR not followed by LF is neither whitespace nor a silent line end, in every reader.
+
+    ``1 1 2 3\\r2 2 3 4`` used to be read as one user with seven items (the second user vanished).
+    """
+    first, second = _VALID[fmt].split(b"\n", 1)
+    # The header line of the TSV stays intact: the CR joins the first two data lines.
+    if fmt == "clicks_tsv":
+        header, rest = _VALID[fmt].split(b"\n", 1)
+        first, second = rest.split(b"\n", 1)
+        payload, line = header + b"\n" + first + b"\r" + second, 2
+    else:
+        payload, line = first + b"\r" + second, 1
+    dm, path = _sources(tmp_path, fmt, payload)
+    with pytest.raises(DataFormatError) as error:
+        dm.prepare_data()
+    assert_located(error, path, line, "bare carriage return")
+
+
+@pytest.mark.parametrize("fmt", sorted(_VALID))
+def test_crlf_line_ends_are_accepted_everywhere(tmp_path: Path, fmt: str) -> None:
+    plain, _ = _sources(tmp_path / "lf", fmt, _VALID[fmt])
+    crlf, _ = _sources(tmp_path / "crlf", fmt, _VALID[fmt].replace(b"\n", b"\r\n"))
+    plain.prepare_data()
+    crlf.prepare_data()
+    assert crlf.fingerprint == plain.fingerprint
+
+
+@pytest.mark.parametrize("fmt", sorted(_VALID))
+def test_utf8_bom_is_accepted_by_every_reader(tmp_path: Path, fmt: str) -> None:
+    """Item 6: a UTF-8 byte-order mark at the start of a file is accepted (and dropped) everywhere."""
+    plain, _ = _sources(tmp_path / "plain", fmt, _VALID[fmt])
+    bom, _ = _sources(tmp_path / "bom", fmt, _BOM + _VALID[fmt])
+    plain.prepare_data()
+    bom.prepare_data()
+    assert bom.fingerprint == plain.fingerprint
+    assert bom.meta["interactions"] == plain.meta["interactions"]
+
+
+@pytest.mark.parametrize(
+    ("clicks", "buys", "which", "line", "reason"),
+    [
+        # CR-only line ends would make this one wide row; written here without the CR, it is 7 fields.
+        (f"{_DAT_CLICK},2,2014-04-07T10:54:09.868Z,214536500\n{_DAT_CLICK}\n", None, "clicks", 1,
+         "expected 4 fields, got 7 (the columns are session, timestamp, item, category)"),
+        (f"{_DAT_CLICK}\n2,2014-04-07T10:54:09.868Z,214536500\n", None, "clicks", 2,
+         "expected 4 fields, got 3 (the columns are session, timestamp, item, category)"),
+        (f"{_DAT_CLICK}\n{_DAT_CLICK},5\n", None, "clicks", 2,
+         "expected 4 fields, got 5 (the columns are session, timestamp, item, category)"),
+        (f"{_DAT_CLICK}\n", "1,2014-04-07T10:54:09.868Z,214536502,12462\n", "buys", 1,
+         "expected 5 fields, got 4 (the columns are session, timestamp, item, price, quantity)"),
+    ],
+)
+def test_dat_rows_must_have_the_official_field_count(
+    tmp_path: Path, clicks: str, buys: str | None, which: str, line: int, reason: str
+) -> None:
+    """Item 2: the .dat reader used to keep the first columns of any row, whatever its width."""
+    clicks_path = write_text(tmp_path / "yoochoose-clicks.dat", clicks)
+    buys_path = write_text(tmp_path / "yoochoose-buys.dat", buys or "")
+    dm = YooChooseDataModule(
+        "official", data_dir=str(tmp_path), include_buys=buys is not None, cache_dir=str(tmp_path / "c")
+    )
+    with pytest.raises(DataFormatError) as error:
+        dm.prepare_data()
+    assert_located(error, clicks_path if which == "clicks" else buys_path, line, reason)
+
+
+def _deep_json(depth: int) -> str:
+    return '{"item": 1, "asin": "A1", "x": ' + "[" * depth + "]" * depth + "}"
+
+
+@pytest.mark.parametrize(
+    ("case", "line", "reason"),
+    [
+        ("review_time_beyond_int64", 2, "field 'unixReviewTime' is out of the int64 range"),
+        ("steam_product_id_beyond_int64", 1, "field 'product_id' is out of the int64 range"),
+        ("tsv_time_beyond_int64", 3, "Time is out of range"),
+        ("json_nested_deeply", 1, "nested too deeply"),
+        ("literal_nested_deeply", 1, "nested too deeply"),
+        ("gzip_named_tsv", 1, "gzip-compressed, but its name does not end in .gz"),
+        ("gzip_named_sequences", 1, "gzip-compressed, but its name does not end in .gz"),
+    ],
+)
+def test_hostile_values_are_located_errors(tmp_path: Path, case: str, line: int, reason: str) -> None:
+    """Item 6: values that used to reach polars, json or the terminal as raw exceptions or bytes."""
+    if case == "review_time_beyond_int64":
+        path = write_gz(
+            tmp_path / "reviews_Beauty_5.json.gz",
+            [review("A", "P", 1), json.dumps({"reviewerID": "B", "asin": "P", "unixReviewTime": 2**70})],
+        )
+        write_gz(tmp_path / "meta_Beauty.json.gz", ["{'asin': 'P'}"])
+        dm = AmazonDataModule("beauty", "official", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    elif case == "steam_product_id_beyond_int64":
+        steam_official(tmp_path)
+        path = write_gz(
+            tmp_path / "steam_reviews.json.gz",
+            ["{u'username': u'a', u'product_id': 123456789012345678901234, u'date': u'2017-01-01'}"],
+        )
+        dm = SteamDataModule("official", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    elif case == "tsv_time_beyond_int64":
+        path = write_text(
+            tmp_path / "clicks-100k" / "train.tsv", "SessionId\tItemId\tTime\n1\t2\t3.0\n1\t2\t1e300\n"
+        )
+        write_text(tmp_path / "clicks-100k" / "test.tsv", "SessionId\tItemId\tTime\n9\t2\t3.0\n")
+        dm = YooChooseDataModule("clicks_tsv", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    elif case == "json_nested_deeply":
+        dm = _amazon_pre(tmp_path, "1 1\n")
+        path = write_text(tmp_path / "pre" / "items.jsonl", _deep_json(200_000) + "\n")
+    elif case == "literal_nested_deeply":
+        steam_official(tmp_path)
+        path = write_gz(tmp_path / "steam_games.json.gz", ["{u'id': u'10', u'tags': " + "[" * 200_000 + "]" * 200_000 + "}"])
+        dm = SteamDataModule("official", str(tmp_path), min_interactions=3, cache_dir=str(tmp_path / "c"))
+    elif case == "gzip_named_tsv":
+        path = tmp_path / "clicks-100k" / "train.tsv"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(gzip.compress(b"SessionId\tItemId\tTime\n1\t2\t3.0\n"))
+        write_text(tmp_path / "clicks-100k" / "test.tsv", "SessionId\tItemId\tTime\n9\t2\t3.0\n")
+        dm = YooChooseDataModule("clicks_tsv", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    else:
+        dm = _amazon_pre(tmp_path, "1 1\n")
+        path = tmp_path / "pre" / "sequences.txt"
+        path.write_bytes(gzip.compress(b"1 1 2\n"))
+    with pytest.raises(DataFormatError) as error:
+        dm.prepare_data()
+    assert_located(error, path, line, reason)
+    assert str(error.value).isprintable(), "no binary bytes in the message"
+
+
+def test_duplicates_are_kept_and_counted(tmp_path: Path) -> None:
+    """Item 7: exact duplicate events and repeated raw item ids are kept, counted and shown."""
+    reviews = write_gz(
+        tmp_path / "raw" / "reviews_Beauty_5.json.gz",
+        [review("A", "P", 1), review("A", "P", 1), review("A", "Q", 2), review("A", "P", 3), review("B", "Q", 2)],
+    )
+    write_gz(tmp_path / "raw" / "meta_Beauty.json.gz", ["{'asin': 'P'}", "{'asin': 'Q'}"])
+    dm = AmazonDataModule("beauty", "official", str(reviews.parent), cache_dir=str(tmp_path / "c"))
+    _, _, meta = prepared(dm)
+    assert meta["interactions"] == 5  # kept
+    assert meta["duplicates"] == {
+        "exact duplicate interactions (same user, item and order as another row; kept)": 1,
+        "repeat interactions (the user's item seen before, exact duplicates included; kept)": 2,
+        "items sharing a raw id with an earlier item (kept)": 0,
+    }
+    dm.setup()
+    text = format_stats(dm.stats(), dm.split_counts, None)
+    assert "duplicates (kept):" in text
+    assert "1  exact duplicate interactions" in text
+
+    pre = _amazon_pre(
+        tmp_path / "pre", "1 1 2 1\n2 2 2\n", [{"item": 1, "asin": "X"}, {"item": 2, "asin": "X"}]
+    )
+    _, items, meta = prepared(pre)
+    assert items.height == 2
+    assert meta["duplicates"] == {
+        "exact duplicate interactions (same user, item and order as another row; kept)": 0,
+        "repeat interactions (the user's item seen before, exact duplicates included; kept)": 2,
+        "items sharing a raw id with an earlier item (kept)": 1,
+    }
+
+    clicks = write_text(
+        tmp_path / "y" / "clicks-100k" / "train.tsv", "SessionId\tItemId\tTime\n1\t2\t3.0\n1\t2\t3.0\n1\t5\t4\n"
+    )
+    write_text(clicks.parent / "test.tsv", "SessionId\tItemId\tTime\n9\t2\t3.0\n")
+    yoo = YooChooseDataModule("clicks_tsv", data_dir=str(tmp_path / "y"), cache_dir=str(tmp_path / "c"))
+    _, _, meta = prepared(yoo)
+    assert meta["interactions"] == 4
+    assert meta["duplicates"]["exact duplicate interactions (same user, item and order as another row; kept)"] == 1
+
+
+# ---------------------------------------------------------------------- cache faults (issue 15)
+def _toys(tmp_path: Path) -> AmazonDataModule:
+    return AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
+
+
+def _damage(cache: Path, how: str) -> None:
+    interactions = cache / "interactions.parquet"
+    if how == "truncated_parquet":
+        data = interactions.read_bytes()
+        interactions.write_bytes(data[: len(data) // 2])
+    elif how == "fewer_rows":
+        polars.read_parquet(interactions).head(3).write_parquet(interactions)
+    elif how == "ids_beyond_n":
+        polars.read_parquet(interactions).with_columns(item=polars.col("item") + 100).write_parquet(interactions)
+    elif how == "meta_missing":
+        (cache / "meta.json").unlink()
+    elif how == "meta_garbage":
+        (cache / "meta.json").write_text("{not json")
+    elif how == "items_missing":
+        (cache / "items.parquet").unlink()
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated_parquet", "fewer_rows", "ids_beyond_n", "meta_missing", "meta_garbage", "items_missing"]
+)
+def test_damaged_cache_is_rebuilt(tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Item 3: a cache that does not verify is rebuilt (and the rebuild says why), never trusted."""
+    amazon_preprocessed(tmp_path / "pre")
+    first = _toys(tmp_path)
+    first.prepare_data()
+    expected = (first.meta["users"], first.meta["items"], first.meta["interactions"], first.fingerprint)
+    _damage(first.cache_path, how)
+    again = _toys(tmp_path)
+    with caplog.at_level("WARNING", logger="recbench.data"):
+        report = prepare(again)
+    assert not report.cache_hit
+    assert report.rebuilt_because is not None and "did not verify" in report.state
+    assert any("did not verify" in record.getMessage() for record in caplog.records)
+    assert again.cache_path == first.cache_path
+    again.setup()
+    stats = again.stats()
+    assert (stats.users, stats.items, stats.interactions, stats.fingerprint) == expected
+    assert prepare(_toys(tmp_path)).cache_hit  # verified now
+    leftovers = [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "no staging or stale directories are left behind"
+
+
+def test_same_size_edit_with_the_old_mtime_changes_the_cache_key(tmp_path: Path) -> None:
+    """Item 4: ``cp -p`` / ``rsync -t`` / ``tar`` keep size and mtime; the content hash still sees it."""
+    amazon_preprocessed(tmp_path / "pre")
+    sequences = tmp_path / "pre" / "sequences.txt"
+    old = _toys(tmp_path)
+    old.prepare_data()
+    old_path = old.cache_path  # a property: evaluated after the edit it would follow the new content
+    stat = sequences.stat()
+    # Same size, same inode, old mtime restored: what `cp -p` over an existing file does.
+    with open(sequences, "r+b") as handle:
+        handle.write(b"1 2 1 3\n2 3 1\n3 2 2 4 1\n")
+    os.utime(sequences, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = sequences.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    new = _toys(tmp_path)
+    assert new.cache_path != old_path
+    interactions, _, _ = prepared(new)
+    assert sequence_of(interactions, 1) == [2, 1, 3]
+    # The key covers contents, not names or places: a copy of the same files elsewhere shares it.
+    copy = tmp_path / "copy" / "pre"
+    copy.mkdir(parents=True)
+    for path in (sequences, tmp_path / "pre" / "items.jsonl"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    moved = AmazonDataModule("toys", "preprocessed", str(copy), cache_dir=str(tmp_path / "c"))
+    assert moved.cache_path == new.cache_path
+
+
+def _two_item_text_versions(tmp_path: Path) -> tuple[AmazonDataModule, AmazonDataModule]:
+    """The same interactions with two versions of one title (``Two`` -> ``Tw0``), both prepared."""
+    amazon_preprocessed(tmp_path / "pre")
+    a = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre"), cache_dir=str(tmp_path / "c"))
+    a.prepare_data()
+    amazon_preprocessed(tmp_path / "pre2")
+    items = tmp_path / "pre2" / "items.jsonl"
+    write_text(items, items.read_text().replace('"title": "Two"', '"title": "Tw0"'))
+    b = AmazonDataModule("toys", "preprocessed", str(tmp_path / "pre2"), cache_dir=str(tmp_path / "c"))
+    b.prepare_data()
+    return a, b
+
+
+def test_fingerprint_covers_item_text(tmp_path: Path) -> None:
+    """Item 5: two item-text versions give two data fingerprints (rows can be told apart)."""
+    a, b = _two_item_text_versions(tmp_path)
+    assert (a.meta["interactions"], a.meta["items"]) == (b.meta["interactions"], b.meta["items"])
+    assert a.fingerprint != b.fingerprint
+
+
+def test_item_side_caches_are_keyed_by_the_data_fingerprint(tmp_path: Path) -> None:
+    """Item 5: embeddings and semantic IDs of one item-text version are never found for another."""
+    from recbench.item_side import item_side_cache_for
+
+    a, b = _two_item_text_versions(tmp_path)
+    assert item_side_cache_for(a) != item_side_cache_for(b)
+    assert b.fingerprint in item_side_cache_for(b).name

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import fit_and_test, quiet_trainer
 
-from baselines.diffgrm import BeamResult, DiffGRM, beams_to_items, cpd_beam_search, warmup_cosine_factor
+from baselines.diffgrm import BeamResult, DiffGRM, beams_to_items, cpd_beam_search
 from benchmark.registry import instantiate_model
 from datamodules.synthetic import SyntheticDataModule
 from recbench.diffusion import (
@@ -307,14 +307,6 @@ def test_item_level_metrics_differ_from_id_level_exactly_by_collision_expansion(
 # ------------------------------------------------------------------------------------------------
 # Lightning integration
 # ------------------------------------------------------------------------------------------------
-
-
-def test_schedule_warmup_then_cosine() -> None:
-    assert warmup_cosine_factor(0, 10, 110) == pytest.approx(0.1)
-    assert warmup_cosine_factor(9, 10, 110) == pytest.approx(1.0)
-    assert warmup_cosine_factor(60, 10, 110) == pytest.approx(0.5)
-    assert warmup_cosine_factor(110, 10, 110) == pytest.approx(0.0)
-    assert warmup_cosine_factor(500, 10, float("inf")) == 1.0
 
 
 @pytest.fixture(scope="module")

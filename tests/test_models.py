@@ -62,12 +62,37 @@ def test_every_model_file_has_a_config() -> None:
     assert files <= set(MODEL_CONFIGS), f"models without a YAML: {files - set(MODEL_CONFIGS)}"
 
 
-def test_exclude_history_drops_history_items(tiny_data) -> None:
-    model = instantiate_model("popularity", tiny_data.num_items, tiny_data.max_len, exclude_history=True)
-    model.counts[1:] = torch.arange(tiny_data.num_items, 0, -1)  # item 1 most popular
-    history = torch.tensor([[0, 0, 1, 3], [0, 0, 0, 2]])
-    ranked = model.ranked_items(history, 3)
-    assert ranked.tolist() == [[2, 4, 5], [1, 3, 4]]
+def test_both_protocols_from_one_ranking_on_hand_cases(tiny_data) -> None:
+    from recbench.metrics import case_metric_values
+
+    model = instantiate_model("popularity", tiny_data.num_items, tiny_data.max_len)
+    model.counts[1:] = torch.arange(tiny_data.num_items, 0, -1)  # item 1 most popular, then 2, 3, ...
+    history = torch.tensor([[0, 0, 1, 3], [0, 0, 0, 2], [0, 0, 5, 5]])
+    target = torch.tensor([3, 4, 5])
+    kept, excluded, short = model.ranked_items_both(history, 3)
+    assert kept.tolist() == [[1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    # history items (1 and 3 / 2 / 5) leave the list; the rest keeps the model's order
+    assert excluded.tolist() == [[2, 4, 5], [1, 3, 4], [1, 2, 3]]
+    assert not bool(short.any())
+    kept_values = case_metric_values(kept, target, (1, 3))
+    excluded_values = case_metric_values(excluded, target, (1, 3))
+    recall_at_3 = 3  # columns: recall@1, ndcg@1, mrr@1, recall@3, ...
+    # case 0: the target (3) is also in the history: a hit kept at rank 3, a miss once excluded
+    assert kept_values[0, recall_at_3] == 1.0 and excluded_values[0, recall_at_3] == 0.0
+    # case 1: history item 2 ranked second is dropped, so target 4 moves from rank 4 (miss) to rank 3
+    assert kept_values[1, recall_at_3] == 0.0 and excluded_values[1, recall_at_3] == 1.0
+    assert excluded_values[1, recall_at_3 + 1] == pytest.approx(0.5)  # ndcg@3 = 1 / log2(3 + 1)
+    # case 2: a repeated history item counts once; target 5 is in the history, so excluded misses
+    assert excluded_values[2, recall_at_3] == 0.0
+
+
+def test_excluded_list_marked_short_when_the_model_returns_too_few(tiny_data) -> None:
+    model = instantiate_model("popularity", tiny_data.num_items, tiny_data.max_len)
+    model.counts.zero_()
+    model.counts[1:4] = torch.tensor([3, 2, 1])  # the model knows only items 1..3
+    _, excluded, short = model.ranked_items_both(torch.tensor([[0, 0, 0, 1], [0, 0, 0, 0]]), 3)
+    assert excluded.tolist() == [[2, 3, 0], [1, 2, 3]]
+    assert short.tolist() == [True, False]
 
 
 def test_sasrec_bce1_loss_runs(tiny_data) -> None:
@@ -86,3 +111,14 @@ def test_sasrec_output_ignores_padding(tiny_data) -> None:
     with torch.no_grad():  # whatever the padding row holds, real positions must not see it
         model.item_embedding.weight[PAD_ID].normal_()
     assert torch.allclose(model.encode(history)[:, -3:], hidden[:, -3:], atol=1e-6)
+
+
+def test_evaluation_scores_in_float32_under_bf16_autocast(tiny_data) -> None:
+    pl.seed_everything(0)
+    model = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len).eval()
+    history = torch.randint(1, tiny_data.num_items + 1, (16, tiny_data.max_len))
+    plain = model.ranked_items(history, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.ranked_items(history, 20)
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the caller's autocast is restored
+    assert torch.equal(plain, under_autocast)

@@ -183,3 +183,49 @@ def test_yoochoose_clicks_100k_counts() -> None:
     )
     assert first.date() >= datetime.date(2014, 4, 1) and last.date() <= datetime.date(2014, 4, 8)
     assert np.all(np.diff(polars.read_parquet(dm.cache_path / "items.parquet")["item"].to_numpy()) == 1)
+
+
+NO_DUPLICATES = {
+    "exact duplicate interactions (same user, item and order as another row; kept)": 0,
+    "repeat interactions (the user's item seen before, exact duplicates included; kept)": 0,
+}
+
+
+@pytest.mark.parametrize("category", sorted(AMAZON))
+def test_amazon_duplicate_counts(category: str) -> None:
+    """The 5-core sets have no repeated (user, item) and no repeated asin; the counts say so."""
+    need(f"amazon/{category}/sequences.txt", f"amazon/{category}/items.jsonl")
+    dm = AmazonDataModule(category)
+    dm.prepare_data()
+    assert dm.meta["duplicates"] == {**NO_DUPLICATES, "items sharing a raw id with an earlier item (kept)": 0}
+
+
+def test_steam_and_yoochoose_duplicate_counts() -> None:
+    need("steam/setrec/sequences.txt", "yoochoose/rc15/valid_sessions.txt", "yoochoose/clicks-100k/train.tsv")
+    for dm in (SteamDataModule("setrec"), YooChooseDataModule("rc15")):
+        dm.prepare_data()
+        assert dm.meta["duplicates"] == NO_DUPLICATES, dm.name
+    clicks = YooChooseDataModule("clicks_tsv")
+    clicks.prepare_data()
+    assert clicks.meta["duplicates"] == {
+        "exact duplicate interactions (same user, item and order as another row; kept)": 1,
+        "repeat interactions (the user's item seen before, exact duplicates included; kept)": 22_359,
+        "items sharing a raw id with an earlier item (kept)": 0,
+    }
+    assert clicks.meta["interactions"] == 70_278 + 13_568  # kept
+
+
+def test_truncated_beauty_cache_is_rebuilt(tmp_path: Path) -> None:
+    """A hand-damaged cache of the real Beauty set is rebuilt, with the same statistics."""
+    need("amazon/beauty/sequences.txt", "amazon/beauty/items.jsonl")
+    dm = AmazonDataModule("beauty", cache_dir=str(tmp_path))
+    dm.prepare_data()
+    before = dm.stats()
+    parquet = dm.cache_path / "interactions.parquet"
+    with open(parquet, "r+b") as handle:
+        handle.truncate(1000)
+    again = AmazonDataModule("beauty", cache_dir=str(tmp_path))
+    again.prepare_data()
+    assert again.cache_outcome == "rebuilt"
+    assert again.cache_problem is not None and "interactions.parquet has 1000 bytes" in again.cache_problem
+    assert again.stats() == before

@@ -4,6 +4,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +15,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmark.leaderboard import paired_test
+from benchmark.leaderboard import holm_adjusted, paired_test
 from benchmark.run import (
+    EXCLUDED_METRIC_COLUMNS,
     KEY_COLUMNS,
     METRIC_COLUMNS,
     ROW_COLUMNS,
     append_row,
-    device_name,
-    device_slug,
     read_rows,
 )
 
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _bench(tmp_path: Path, *args: str, wait: bool = True):
     command = [sys.executable, "-m", "benchmark.cli", "bench", "--dataset", "synthetic_tiny",
                "--trainer.enable_progress_bar", "false", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    # RESULTS_DIR=results: these tests check the stored layout; the default local directory has its own test.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "RECBENCH_RESULTS_DIR": "results"}
     if not wait:
         return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -44,7 +45,7 @@ def test_smoke_bench_writes_complete_rows_and_skips_done_runs(tmp_path: Path) ->
     assert [row["config"] for row in rows] == ["popularity", "sasrec"]
     for row in rows:
         assert list(row) == list(ROW_COLUMNS)
-        assert all(0.0 <= float(row[m]) <= 1.0 for m in METRIC_COLUMNS)
+        assert all(0.0 <= float(row[m]) <= 1.0 for m in (*METRIC_COLUMNS, *EXCLUDED_METRIC_COLUMNS))
         assert float(row["recall@5"]) <= float(row["recall@10"]) <= float(row["recall@20"])
         assert row["profile"] == "smoke" and row["protocol"] == "leave_one_out" and row["world_size"] == "1"
         run = tmp_path / "results" / "runs" / row["run_id"]
@@ -78,7 +79,8 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     assert seeds == list(range(25)) + list(range(100, 125))
     with pytest.raises(ValueError, match="exists already"):
         append_row(path, _row(3))
-    append_row(path, {**_row(3), "notes": "replaced"}, replace=True)
+    (old,) = append_row(path, {**_row(3), "notes": "replaced"}, replace=True)
+    assert old["seed"] == "3" and old["notes"] == ""
     assert [r["notes"] for r in read_rows(path) if r["seed"] == "3"] == ["replaced"]
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
@@ -87,12 +89,12 @@ def test_kill_9_mid_run_leaves_no_row_and_the_rerun_resumes(tmp_path: Path) -> N
     profile = tmp_path / "long.yaml"
     profile.write_text("name: long\nmax_epochs: 6\npatience: 10\nlimit_train_batches: 2\nval_subset: 50\n")
     process = _bench(tmp_path, "--profile", str(profile), "--models", "sasrec", wait=False)
-    run_id = f"synthetic_tiny-sasrec-long-seed1-{device_slug(device_name())}"
-    checkpoint = tmp_path / "runs" / "bench" / run_id / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+    checkpoints: list[Path] = []
+    while not checkpoints and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    assert checkpoint.exists(), "no checkpoint was written"
+        checkpoints = list((tmp_path / "runs" / "bench").glob("synthetic_tiny-sasrec-long-seed1-*/checkpoints/last.ckpt"))
+    assert checkpoints, "no checkpoint was written"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     csv_path = tmp_path / "results" / "synthetic-x0.02.csv"
@@ -117,42 +119,142 @@ def test_paired_test_against_hand_computation() -> None:
     assert result.effect_size_dz == pytest.approx(mean / sd)
     assert result.t_pvalue == pytest.approx(p_hand)
     assert 0.0 < result.bootstrap_pvalue < 1.0
+    half = stats.t.ppf(0.975, len(diff) - 1) * sd / math.sqrt(len(diff))
+    assert (result.ci_low, result.ci_high) == (pytest.approx(mean - half), pytest.approx(mean + half))
     same = paired_test(new, new.copy(), "ndcg@10")
     assert same.t_pvalue == 1.0 and same.mean_difference == 0.0
     strong = paired_test(np.ones(200), np.zeros(200) + np.linspace(0, 0.1, 200), "recall@10")
     assert strong.t_pvalue < 1e-10 and strong.bootstrap_pvalue == 0.0
 
 
-def test_time_budget_ends_a_fit_mid_epoch_and_the_best_checkpoint_is_tested(tmp_path: Path) -> None:
-    # 0.3 s of budget against 200 epochs: only the budget can end this fit.
-    profile = tmp_path / "budget.yaml"
-    profile.write_text("name: budget\nmax_epochs: 200\npatience: 200\nval_subset: 50\nmax_minutes: 0.005\n")
-    result = _bench(tmp_path, "--profile", str(profile), "--models", "sasrec")
+def test_time_limit_is_a_safety_net_its_rows_are_unconverged_and_never_averaged(tmp_path: Path) -> None:
+    # 0.3 s of time limit against 200 epochs and patience 200: only the safety net can end this fit.
+    profile = tmp_path / "limit.yaml"
+    profile.write_text("name: limit\nmax_epochs: 200\npatience: 200\nval_subset: 50\ntime_limit_minutes: 0.005\n")
+    result = _bench(tmp_path, "--profile", str(profile), "--models", "sasrec,popularity")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    (row,) = read_rows(tmp_path / "results" / "synthetic-x0.02.csv")
-    notes = json.loads(row["notes"])
-    assert notes["stopped_by"] == "time budget"
-    assert int(row["epochs"]) < 200 and row["best_epoch"] != ""
+    rows = {row["config"]: row for row in read_rows(tmp_path / "results" / "synthetic-x0.02.csv")}
+    limited, counted = rows["sasrec"], rows["popularity"]
+    assert limited["stopped_by"] == "time limit" and limited["converged"] == "False"
+    assert int(limited["epochs"]) < 200 and limited["best_epoch"] != ""
+    notes = json.loads(limited["notes"])
     assert notes["best_checkpoint"].endswith("best.ckpt") and Path(tmp_path, notes["best_checkpoint"]).exists()
+    assert counted["stopped_by"] == "complete" and counted["converged"] == "True"
+
+    from benchmark.leaderboard import load_results, render_markdown, summarise
+
+    summary = summarise(load_results(tmp_path / "results"))
+    assert summary["config"].to_list() == ["popularity"]  # the time-limited row is not averaged
+    markdown = render_markdown(load_results(tmp_path / "results"), references=[])
+    assert "Not in the means" in markdown and "| sasrec | 1 | time limit |" in markdown
 
 
-def test_rows_from_two_devices_are_two_runs_and_never_averaged(tmp_path: Path) -> None:
+def test_quick_semantics_end_by_patience_or_the_epoch_cap(tmp_path: Path) -> None:
+    # No clock in the profile: patience 1 on a 30-epoch cap ends by early stopping (validation on 50
+    # users saturates within a few epochs); a 2-epoch cap with patience 10 ends by the cap.
+    patient = tmp_path / "patient.yaml"
+    patient.write_text("name: patient\nmax_epochs: 30\npatience: 1\nlimit_train_batches: 2\nval_subset: 50\n")
+    capped = tmp_path / "capped.yaml"
+    capped.write_text("name: capped\nmax_epochs: 2\npatience: 10\nlimit_train_batches: 2\nval_subset: 50\n")
+    for profile in (patient, capped):
+        result = _bench(tmp_path, "--profile", str(profile), "--models", "sasrec")
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {row["profile"]: row for row in read_rows(tmp_path / "results" / "synthetic-x0.02.csv")}
+    assert rows["patient"]["stopped_by"] == "early stopping" and rows["patient"]["converged"] == "True"
+    assert int(rows["patient"]["epochs"]) < 30
+    assert rows["capped"]["stopped_by"] == "epoch cap" and rows["capped"]["converged"] == "False"
+    assert rows["capped"]["epochs"] == "2"
+
+
+def test_the_same_key_from_two_devices_is_one_run_and_the_leaderboard_shows_both(tmp_path: Path) -> None:
     import polars
 
-    from benchmark.leaderboard import summarise
+    from benchmark.leaderboard import render_markdown, summarise
 
     path = tmp_path / "d.csv"
-    for device, ndcg in (("cpu A", 0.1), ("gpu B", 0.3)):
-        append_row(path, {**_row(1), "device": device, "ndcg@10": ndcg})
-    append_row(path, {**_row(2), "device": "gpu B", "ndcg@10": 0.5})
+    append_row(path, {**_row(1), "device": "cpu A", "ndcg@10": 0.1, "converged": True})
     with pytest.raises(ValueError, match="exists already"):
-        append_row(path, {**_row(1), "device": "cpu A"})
-    table = polars.DataFrame(read_rows(path)).with_columns(polars.col(c).cast(polars.Float64, strict=False)
-                                                          for c in METRIC_COLUMNS)
-    table = table.with_columns(polars.lit(1.0).alias(c) for c in ("train_seconds", "test_users_per_second",
-                                                                   "parameters"))
-    summary = {row["device"]: (row["seeds"], row["ndcg@10"]) for row in summarise(table).iter_rows(named=True)}
-    assert summary == {"cpu A": (1, pytest.approx(0.1)), "gpu B": (2, pytest.approx(0.4))}
+        append_row(path, {**_row(1), "device": "gpu B", "ndcg@10": 0.3, "converged": True})
+    append_row(path, {**_row(2), "device": "gpu B", "ndcg@10": 0.3, "converged": True})
+    table = polars.DataFrame(read_rows(path)).with_columns(
+        [polars.col(c).cast(polars.Float64, strict=False)
+         for c in (*METRIC_COLUMNS, *EXCLUDED_METRIC_COLUMNS, "epochs", "best_epoch", "train_seconds",
+                   "seconds_per_epoch", "test_users_per_second", "peak_memory_mb", "parameters")]
+        + [(polars.col("converged") == "True").alias("converged")]
+    )
+    (summary,) = summarise(table).iter_rows(named=True)
+    assert summary["seeds"] == 2 and summary["ndcg@10"] == pytest.approx(0.2)
+    assert summary["devices"] == "cpu A, gpu B"
+    assert "cpu A, gpu B" in render_markdown(table, references=[])
+
+
+def test_bench_writes_to_the_local_dir_and_prints_the_stored_reference_beside(tmp_path: Path) -> None:
+    stored = _bench(tmp_path, "--profile", "smoke", "--models", "popularity")
+    assert stored.returncode == 0, stored.stdout[-2000:] + stored.stderr[-2000:]
+    command = [sys.executable, "-m", "benchmark.cli", "bench", "--dataset", "synthetic_tiny", "--profile", "smoke",
+               "--models", "popularity", "--trainer.enable_progress_bar", "false"]
+    env = {key: value for key, value in os.environ.items() if key != "RECBENCH_RESULTS_DIR"}
+    env |= {"PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    mine = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert mine.returncode == 0, mine.stdout[-2000:] + mine.stderr[-2000:]
+    assert "skip" not in mine.stdout  # the stored row in results/ is the reference, not the user's run
+    (row,) = read_rows(tmp_path / "runs" / "results" / "synthetic-x0.02.csv")
+    assert len(read_rows(tmp_path / "results" / "synthetic-x0.02.csv")) == 1
+    assert "beside the stored reference" in mine.stdout
+    line = next(line for line in mine.stdout.splitlines() if line.startswith("popularity "))
+    # same config, same seed, same cases: identical counts, zero difference, p = 1
+    assert line.split()[-3:] == ["1", "+0.0000", "1.00e+00"], line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_bench_into_an_empty_local_dir_runs_and_compares(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    result = subprocess.run(
+        ["make", "-s", "bench", f"VENV={Path(sys.executable).parent.parent}", "DATASET=synthetic_tiny",
+         "PROFILE=smoke", "MODELS=popularity", f"RESULTS_DIR={local}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "skip" not in result.stdout and "bench finished: 1 runs" in result.stdout
+    assert len(read_rows(local / "synthetic-x0.02.csv")) == 1
+    assert "beside the stored reference" in result.stdout
+
+
+def test_leaderboard_for_one_dataset_keeps_the_other_sections(tmp_path: Path) -> None:
+    from benchmark.leaderboard import leaderboard
+
+    for dataset, ndcg in (("alpha", 0.1), ("beta", 0.2)):
+        row = {**_row(1), "dataset": dataset, "ndcg@10": ndcg, "recall@10": ndcg, "converged": True,
+               "stopped_by": "early stopping", "device": "cpu", "train_seconds": 1.0, "run_id": f"{dataset}-run"}
+        append_row(tmp_path / f"{dataset}.csv", row)
+    printed = leaderboard(tmp_path, dataset="alpha")
+    assert "## alpha" in printed and "## beta" not in printed
+    written = (tmp_path / "LEADERBOARD.md").read_text()
+    assert "## alpha" in written and "## beta" in written
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "alpha-p-smoke.png", "alpha-p-smoke-compute.png", "beta-p-smoke.png", "beta-p-smoke-compute.png"}
+
+
+def test_peak_memory_is_the_runs_own_not_the_process_lifetime() -> None:
+    from benchmark.run import PeakMemory
+
+    earlier = PeakMemory()
+    ballast = b"\x01" * (300 * 2**20)  # an earlier run's peak: 300 MB above whatever the process holds
+    lifetime_peak = earlier.peak_mb()
+    del ballast
+    memory = PeakMemory()
+    memory.start()
+    if memory.scope != "run":
+        pytest.skip("this kernel cannot reset the peak RSS")
+    assert memory.peak_mb() < lifetime_peak - 200
+
+
+def test_holm_adjustment_against_hand_computation() -> None:
+    # sorted p: 0.01 (x4), 0.02 (x3 -> 0.06), 0.03 (x2 -> 0.06), 0.5 (x1); monotone step-down
+    assert holm_adjusted([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    assert holm_adjusted([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+    assert holm_adjusted([]) == []
 
 
 @pytest.fixture(scope="module")

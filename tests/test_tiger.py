@@ -17,7 +17,7 @@ import torch
 from conftest import fit_and_test, quiet_trainer
 from torch.nn import functional as F
 
-from baselines.tiger import TIGER, _ScheduleFactor, beam_search
+from baselines.tiger import TIGER, beam_search
 from benchmark.registry import instantiate_model
 from datamodules.synthetic import SyntheticDataModule
 from recbench.batch import PAD_ID
@@ -211,21 +211,6 @@ def test_constrained_search_never_yields_an_invalid_id(seed: int) -> None:
             assert not bool(result.alive[:, N_VALID:].any())  # no more IDs exist
     free = beam_search(scorer, users, sids, 5, constrained=False)
     assert bool((free.alive & ~free.valid).any()), "the scorer should lure a free search to invalid IDs"
-
-
-def test_schedule_factors() -> None:
-    inverse = _ScheduleFactor("inverse_sqrt", warmup_steps=4, total_steps=0)
-    assert [round(inverse(s), 4) for s in range(6)] == [
-        1.0,
-        1.0,
-        1.0,
-        1.0,
-        round((4 / 5) ** 0.5, 4),
-        round((4 / 6) ** 0.5, 4),
-    ]
-    cosine = _ScheduleFactor("cosine", warmup_steps=2, total_steps=10)
-    assert cosine(0) == 0.5 and cosine(1) == 1.0 and cosine(9) == pytest.approx(0.0)
-    assert _ScheduleFactor("constant", 3, 0)(0) == pytest.approx(1 / 3)
 
 
 def test_recommend_needs_semantic_ids() -> None:

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     data = instantiate_data(args.dataset)
     data.setup()
     if args.checkpoint:
-        model = DiffGRM.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from elsewhere must never run code; ours holds only plain types.
+        model = DiffGRM.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True)
         if model.num_items != data.num_items:
             raise SystemExit(f"the checkpoint has {model.num_items} items, {args.dataset} has {data.num_items}")
     else:

@@ -1,0 +1,74 @@
+"""Learning-rate schedules sized from the optimiser steps a fit is allowed: the one helper every model uses.
+
+A profile ends a fit by early stopping under an epoch or step cap, so the only step count known in
+advance is the cap: ``trainer.estimated_stepping_batches`` (max_epochs x batches per epoch, or
+max_steps, after ``limit_train_batches`` and gradient accumulation). Cosine decay reaches its floor
+exactly there, and a warm-up never takes more than half of it (a warm-up written for a long GPU
+recipe would otherwise still be ramping when a short profile's cap arrives).
+
+Kinds, as a multiplier of the base learning rate after ``step`` optimiser steps (0-based):
+
+- ``constant``: linear warm-up ``(step + 1) / warmup``, then 1.
+- ``cosine``: the same warm-up, then ``0.5 (1 + cos(pi p))`` with ``p = (step - warmup) / (total - warmup)``
+  clipped to [0, 1] (the reference DiffGRM schedule).
+- ``inverse_sqrt``: T5's ``sqrt(warmup / max(step + 1, warmup))``: constant for ``warmup`` steps, then
+  ``1 / sqrt(step)`` decay; with no warm-up, ``1 / sqrt(step + 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ScheduleKind = Literal["constant", "cosine", "inverse_sqrt"]
+
+
+@dataclass(frozen=True)
+class WarmupSchedule:
+    """A picklable ``LambdaLR`` multiplier (checkpoints store the scheduler).
+
+    Args:
+        kind: ``constant``, ``cosine`` or ``inverse_sqrt`` (see the module docstring).
+        warmup_steps: warm-up length in optimiser steps (already capped by :func:`sized_schedule`).
+        total_steps: the step at which cosine decay reaches 0; None = no cap, no decay.
+    """
+
+    kind: ScheduleKind
+    warmup_steps: int
+    total_steps: int | None
+
+    def __call__(self, step: int) -> float:
+        done = step + 1
+        if self.kind == "inverse_sqrt":
+            if self.warmup_steps:
+                return math.sqrt(self.warmup_steps / max(done, self.warmup_steps))
+            return 1.0 / math.sqrt(done)
+        if step < self.warmup_steps:
+            return done / self.warmup_steps
+        if self.kind == "cosine" and self.total_steps is not None:
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+
+def sized_schedule(kind: ScheduleKind, warmup_steps: int, allowed_steps: float) -> WarmupSchedule:
+    """The schedule for a fit allowed ``allowed_steps`` optimiser steps (its cap; ``inf`` = uncapped).
+
+    The warm-up is capped at half the allowed steps; cosine decays over the rest.
+    """
+    if warmup_steps < 0 or not allowed_steps >= 1:
+        raise ValueError(f"need warmup_steps >= 0 and allowed_steps >= 1, got {warmup_steps}, {allowed_steps}")
+    if kind not in ("constant", "cosine", "inverse_sqrt"):
+        raise ValueError(f"unknown schedule {kind!r}: expected constant, cosine or inverse_sqrt")
+    if not math.isfinite(allowed_steps):
+        return WarmupSchedule(kind, warmup_steps, None)
+    total = int(allowed_steps)
+    return WarmupSchedule(kind, min(warmup_steps, total // 2), total)
+
+
+def scheduler_config(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> dict[str, object]:
+    """Lightning's ``lr_scheduler`` entry: the multiplier applied after every optimiser step."""
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}
