@@ -33,10 +33,15 @@ def test_the_example_model_keeps_the_contract() -> None:
 
 
 def test_compare_ranks_the_example_model(tmp_path: Path) -> None:
-    result = _run("-m", "benchmark.cli", "compare", str(EXAMPLES / "mean_pool.yaml"), "--dataset", "synthetic_tiny",
-                  "--profile", "smoke", cwd=tmp_path)
+    common = ("--dataset", "synthetic_tiny", "--profile", "smoke")
+    stored = _run("-m", "benchmark.cli", "bench", "--models", "popularity", "--results_dir", "ref", *common, cwd=tmp_path)
+    assert stored.returncode == 0, stored.stdout[-2000:] + stored.stderr[-2000:]
+    result = _run("-m", "benchmark.cli", "compare", str(EXAMPLES / "mean_pool.yaml"), "--reference_dir", "ref",
+                  *common, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "<- new" in result.stdout and "mean_pool" in result.stdout
+    ranking = [line.split()[1] for line in result.stdout.splitlines() if line.strip()[:1].isdigit() and "  " in line]
+    assert "mean_pool" in ranking and "popularity" in ranking
+    assert any(line.startswith("popularity") and "ndcg@10" in line for line in result.stdout.splitlines())
 
 
 def test_own_lightning_script_prints_the_benchmark_metrics(tmp_path: Path) -> None:
