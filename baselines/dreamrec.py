@@ -9,10 +9,9 @@ The system, with ``d`` the width, ``E`` the item table ``(N + 1, d)`` and ``∅`
    (``h`` or ``∅``) and a time embedding ``temb_i = MLP(sinusoid(i))`` (§5.3):
    ``mlp1``: ``f = W [x_i; c; temb_i] + b`` (one linear layer), ``mlp2``: ``Linear(3d, 2d) -> GELU ->
    Linear(2d, d)``.
-3. **Training** (§5.5), for every target of the training split: ``x0 = sg(E[target])`` (the same table as the encoder input; ``sg`` = stop
-   the gradient, see below), ``h`` replaced by ``∅`` with probability ``p`` per row
-   (classifier-free-guidance dropout),
-   ``i ~ U{0..T-1}``, ``x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps`` and
+3. **Training** (§5.5), for every target of the training split: ``x0 = sg(E[target])`` (the same
+   table as the encoder input; ``sg`` = stop the gradient, see below), ``h`` replaced by ``∅``
+   with probability ``p`` per row (classifier-free-guidance dropout), ``i ~ U{0..T-1}``, ``x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps`` and
    ``loss = mean ||x0 - f(x_i, h, i)||^2`` (``GaussianDiffusion.training_loss``), averaged over
    the batch's targets.
 
@@ -27,9 +26,9 @@ The system, with ``d`` the width, ``E`` the item table ``(N + 1, d)`` and ``∅`
    share them, where pairs draw them per target; (b) a user whose training prefix exceeds
    ``max_len + 1`` items is cut into consecutive windows (recbench/data.py), so the first targets
    of a later window see fewer than ``max_len`` items (pairs: always the last ``max_len``); on
-   Beauty (L = 50) that is a small fraction of users. The data's ``batch_size`` then counts windows, not targets
-   (about 6 targets per Beauty window), so an epoch has fewer, larger steps. The choice is recorded in
-   :meth:`DreamRec.run_notes`.
+   Beauty (L = 50) that touches at most 3,382 of 131,413 targets (2.6%), of 127 users. The
+   data's ``batch_size`` then counts windows, not targets (Beauty: 5.9 targets per user), so an
+   epoch has fewer, larger steps. The choice is recorded in :meth:`DreamRec.run_notes`.
 4. **Sampling** (§5.6): DDPM ancestral sampling over all ``T`` steps with the guided prediction
    ``x̂0 = (1 + w) f(x_i, h, i) - w f(x_i, ∅, i)``; ``h`` without CFG dropout, modules in eval mode.
 5. **Retrieval** (§5.7): the generated ``x0`` scores items by ``x0 · E[j]`` through

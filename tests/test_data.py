@@ -225,6 +225,8 @@ def test_ddp_ranks_get_disjoint_shares_with_equal_step_counts(world: int) -> Non
         list(LengthBucketSampler(lengths, batch_size=64, buckets=8, seed=7, num_replicas=world, rank=rank))
         for rank in range(world)
     ]
+    # A DistributedSampler (of batches): Lightning then injects no sampler of its own under DDP.
+    assert isinstance(LengthBucketSampler(lengths, 64, 8, 7), torch.utils.data.DistributedSampler)
     counts = {len(share) for share in shares}
     assert counts == {len(LengthBucketSampler(lengths, 64, 8, 7, num_replicas=world))}  # equal, as __len__ says
     served = sorted(index for share in shares for batch in share for index in batch)

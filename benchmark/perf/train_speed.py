@@ -13,7 +13,7 @@ where it has one) it fits ``--epochs`` epochs through a Lightning Trainer set up
   to the full epoch (``batches per epoch / N``); the report marks it;
 - **optimiser steps per second** over the same time;
 - **padding share**: padded item slots / all item slots of the grid each training batch feeds the
-  encoder, over every batch run: the batch's ``history`` (pairs) or ``sequence[:, :-1]``
+  encoder, over every batch run (counted on the device, no host read inside a step): the batch's ``history`` (pairs) or ``sequence[:, :-1]``
   (sequence view), cut to the model's ``history_items`` where it has one (TIGER), after the
   shared :func:`~recbench.batch.trim_left_padding`. A model that packs its real tokens (TIGER's
   projections, DiffGRM's encoder) computes less than this on padding; the share is the grid's;
@@ -48,17 +48,31 @@ from lightning.pytorch.callbacks import Callback
 from benchmark.perf.common import environment, write_report
 from benchmark.registry import instantiate_data, instantiate_model
 from benchmark.run import PeakMemory, default_models, load_profile, model_config_for
-from recbench.batch import HISTORY, SEQUENCE, Batch, padding_slots, trim_left_padding
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, Batch
 from recbench.model import SELECTION_METRIC, SeqRecModel
 
 
 def encoder_grid(model: SeqRecModel, batch: Batch) -> torch.Tensor:
-    """The item grid ``(B, L')`` a training batch feeds the model's encoder (module docstring)."""
+    """The item grid ``(B, L)`` a training batch feeds the model's encoder, before the shared trim."""
     grid = batch[SEQUENCE][:, :-1] if SEQUENCE in batch else batch[HISTORY]  # (B, L)
     history_items = getattr(model, "history_items", None)
     if isinstance(history_items, int):
         grid = grid[:, -history_items:]
-    return trim_left_padding(grid)
+    return grid
+
+
+def trimmed_padding(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(padded slots, all slots)`` of ``trim_left_padding(grid)`` as device scalars.
+
+    The same count as :func:`~recbench.batch.padding_slots` of the trimmed grid (for a grid with a
+    real item, as every training grid has), without reading anything back to the host: the probe
+    must not add a synchronisation to the training step it times.
+    """
+    real = grid != PAD_ID  # (B, L)
+    lead = real.any(dim=0).to(torch.int8).argmax()  # leading all-padding columns
+    rows, width = grid.shape
+    slots = (width - lead) * rows
+    return slots - real.sum(), slots
 
 
 def _sync(device: torch.device) -> None:
@@ -73,7 +87,7 @@ class SpeedProbe(Callback):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.epochs: list[dict[str, float]] = []
-        self.padded = self.slots = 0
+        self.padded = self.slots = torch.zeros((), dtype=torch.long, device=device)
         self._epoch_start = self._val_start = self._val_seconds = 0.0
         self._steps_start = self._batches = 0
         self._ndcg = float("nan")
@@ -86,8 +100,7 @@ class SpeedProbe(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # Two host reads per batch; a few microseconds against a training step.
-        padded, slots = padding_slots(encoder_grid(pl_module, batch))  # type: ignore[arg-type]
+        padded, slots = trimmed_padding(encoder_grid(pl_module, batch))  # type: ignore[arg-type]
         self.padded, self.slots, self._batches = self.padded + padded, self.slots + slots, self._batches + 1
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -186,7 +199,7 @@ def measure(
         "extrapolated": run_batches < full_batches * len(probe.epochs),
         "seconds_per_epoch": round(run_seconds / run_batches * full_batches, 3) if run_batches else 0.0,
         "steps_per_second": round(run_steps / run_seconds, 2) if run_seconds else 0.0,
-        "padding_share": round(probe.padded / probe.slots, 4) if probe.slots else 0.0,
+        "padding_share": round(int(probe.padded) / int(probe.slots), 4) if int(probe.slots) else 0.0,
         "peak_memory_mb": round(peak_mb, 1),
         "memory_scope": memory.scope,
         "test_users": test_users,
