@@ -99,7 +99,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recbench.batch import HISTORY, PAD_ID, TARGET, Batch
+from recbench.batch import HISTORY, PAD_ID, TARGET, Batch, trim_left_padding
 from recbench.data import SeqRecDataModule
 from recbench.diffusion import (
     MASKED,
@@ -245,14 +245,6 @@ class _Memory:
 
     def detach(self) -> _Memory:
         return _Memory(tuple((k.detach(), v.detach()) for k, v in self.kv), self.mask)
-
-
-def _trim_left_padding(history: Tensor) -> Tensor:
-    """Drop leading columns that are padding in every row (positions come from the mask, so this
-    changes only the cost)."""
-    used = (history != PAD_ID).any(dim=0)
-    first = int(used.to(torch.int8).argmax()) if bool(used.any()) else history.shape[1] - 1
-    return history[:, first:]
 
 
 def _reset_sids_after_load(module: nn.Module, incompatible_keys: object) -> None:
@@ -665,7 +657,7 @@ class DiffGRM(SeqRecModel):
     def encode(self, history: Tensor) -> _Memory:
         """Left-padded history (B, L) -> cross-attention memory: per decoder layer (k, v) of shape
         (B, H, L', d/H) for the trimmed length L', and the key-padding mask (B, 1, 1, L')."""
-        history = _trim_left_padding(history)
+        history = trim_left_padding(history)
         if history.shape[1] > self.max_len:
             raise ValueError(f"history length {history.shape[1]} exceeds max_len {self.max_len}")
         valid = history != PAD_ID  # (B, L)

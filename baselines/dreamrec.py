@@ -9,11 +9,26 @@ The system, with ``d`` the width, ``E`` the item table ``(N + 1, d)`` and ``∅`
    (``h`` or ``∅``) and a time embedding ``temb_i = MLP(sinusoid(i))`` (``Tenc.forward``):
    ``mlp1``: ``f = W [x_i; c; temb_i] + b`` (one linear layer), ``mlp2``: ``Linear(3d, 2d) -> GELU ->
    Linear(2d, d)``.
-3. **Training**: ``x0 = sg(E[target])`` (the same table as the encoder input; ``sg`` = stop
-   the gradient, see below), ``h`` replaced by ``∅`` with probability ``p`` per row
-   (classifier-free-guidance dropout),
-   ``i ~ U{0..T-1}``, ``x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps`` and
-   ``loss = mean ||x0 - f(x_i, h, i)||^2`` (``GaussianDiffusion.training_loss``).
+3. **Training**, for every target of the training split: ``x0 = sg(E[target])`` (the same
+   table as the encoder input; ``sg`` = stop the gradient, see below), ``h`` replaced by ``∅``
+   with probability ``p`` per row (classifier-free-guidance dropout), ``i ~ U{0..T-1}``, ``x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps`` and
+   ``loss = mean ||x0 - f(x_i, h, i)||^2`` (``GaussianDiffusion.training_loss``), averaged over
+   the batch's targets.
+
+   ``training_view="sequence"`` (default): T-enc is causal, so ONE encoder pass over a user's
+   training window gives ``h`` for every target position at once (as SASRec trains); the reference
+   and ``training_view="pairs"`` run one pass per (history, target) pair. Per target the two are the
+   same computation: the same history (the window's items before the target; positions counted from
+   its oldest item), one CFG-dropout uniform, one ``t`` and one ``eps``, drawn in the same order
+   (targets in row-major order), so with encoder dropout off a batch of windows gives exactly the
+   mean of the pair losses of its targets (tests/test_dreamrec.py checks it to 1e-5). Differences,
+   both "within noise": (a) encoder dropout masks are drawn once per window, so targets of one user
+   share them, where pairs draw them per target; (b) a user whose training prefix exceeds
+   ``max_len + 1`` items is cut into consecutive windows (recbench/data.py), so the first targets
+   of a later window see fewer than ``max_len`` items (pairs: always the last ``max_len``); on
+   Beauty (L = 50) that touches at most 3,382 of 131,413 targets (2.6%), of 127 users. The
+   data's ``batch_size`` then counts windows, not targets (Beauty: 5.9 targets per user), so an
+   epoch has fewer, larger steps. The choice is recorded in :meth:`DreamRec.run_notes`.
 4. **Sampling**: DDPM ancestral sampling over all ``T`` steps with the guided prediction
    ``x̂0 = (1 + w) f(x_i, h, i) - w f(x_i, ∅, i)``; ``h`` without CFG dropout, modules in eval mode.
 5. **Retrieval**: the generated ``x0`` scores items by ``x0 · E[j]`` through
@@ -83,7 +98,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recbench.batch import HISTORY, PAD_ID, TARGET, Batch
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, Batch, trim_left_padding
 from recbench.data import SeqRecDataModule
 from recbench.diffusion import (
     GaussianDiffusion,
@@ -104,6 +119,7 @@ DenoiserKind = Literal["mlp1", "mlp2"]
 EncoderKind = Literal["faithful"]
 SamplerKind = Literal["ddpm", "ddim"]
 ItemScope = Literal["trained", "all"]
+TrainingView = Literal["sequence", "pairs"]
 SamplingPath = Literal["fused", "naive"]
 
 #: The reference's "minus infinity" for masked attention logits (finite, so a row whose keys are all
@@ -227,11 +243,11 @@ class DreamRec(SeqRecModel):
             (the reference: every item but PAD).
         retrieval_backend: :class:`~recbench.retrieval.ItemIndex` backend (``auto``: faiss when
             installed).
+        training_view: ``sequence`` (one encoder pass per user window, every target at once;
+            default) or ``pairs`` (one pass per target, the reference), see the module docstring.
         lr, weight_decay, ks: see :class:`~recbench.model.SeqRecModel`. The
             reference uses Adam/AdamW with eps 1e-8 and weight decay 0 (identical optimisers then).
     """
-
-    training_view = "pairs"
 
     def __init__(
         self,
@@ -254,6 +270,7 @@ class DreamRec(SeqRecModel):
         eval_seed: int = 0,
         item_scope: ItemScope = "trained",
         retrieval_backend: Backend = "auto",
+        training_view: TrainingView = "sequence",
         lr: float = 5e-3,
         weight_decay: float = 0.0,
         ks: Sequence[int] = DEFAULT_KS,
@@ -274,6 +291,9 @@ class DreamRec(SeqRecModel):
             raise ValueError(f"ddim_steps must be in [1, timesteps={timesteps}], got {ddim_steps}")
         if item_scope not in ("trained", "all"):
             raise ValueError(f"item_scope must be trained or all, got {item_scope!r}")
+        if training_view not in ("sequence", "pairs"):
+            raise ValueError(f"training_view must be sequence or pairs, got {training_view!r}")
+        self.training_view = training_view  # type: ignore[misc]  # per instance: the datamodule asks it
         self.hidden_size = hidden_size
         self.guidance_weight = guidance_weight
         self.uncond_prob = uncond_prob
@@ -332,12 +352,27 @@ class DreamRec(SeqRecModel):
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: Batch) -> Tensor:
+<<<<<<< HEAD
         """x0-prediction MSE (the reference's ``diffusion.p_losses``) on (history, target) pairs."""
         self.clear_sampling_cache()  # the weights are about to change
         x0 = self.item_embedding(batch[TARGET])  # (B, d)
         if self.stop_target_gradient:  # the reference lets the loss shrink its own targets
+=======
+        """x0-prediction MSE (MODELS.md §5.5), averaged over the batch's targets; either view."""
+        self.clear_sampling_cache()  # the weights are about to change
+        if SEQUENCE in batch:  # one causal pass per window gives h for every target position
+            sequence = trim_left_padding(batch[SEQUENCE])  # (B, L' + 1)
+            inputs, targets = sequence[:, :-1], sequence[:, 1:]  # (B, L') each
+            valid = inputs != PAD_ID  # (B, L'): left padding, so a real input has a real next item
+            hidden = self.encoder(self.item_embedding(inputs), valid, last_only=False)  # (B, L', d)
+            h, target = hidden[valid], targets[valid]  # (M, d), (M,): row-major, as pairs would come
+        else:
+            h, target = self.condition(batch[HISTORY]), batch[TARGET]  # (B, d), (B,)
+        x0 = self.item_embedding(target)  # (M, d)
+        if self.stop_target_gradient:  # the reference lets the loss shrink its own targets (§9.8)
+>>>>>>> speed
             x0 = x0.detach()
-        h = self.cfg_dropout(self.condition(batch[HISTORY]))  # (B, d)
+        h = self.cfg_dropout(h)  # one uniform per target, then t and eps per target
 
         def denoiser(x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
             return self.denoise(x_t, cond, self.time_embedding(t))
@@ -541,4 +576,9 @@ class DreamRec(SeqRecModel):
             "sampling_exact": self.sampling_is_exact,
             "eval_seed": self.eval_seed,
             "retrieval": self.retrieval_description(),
+            "training_view": (
+                "sequence: one causal encoder pass per user window, loss over every target position"
+                if self.training_view == "sequence"
+                else "pairs: one encoder pass per (history, target) pair (the reference)"
+            ),
         }

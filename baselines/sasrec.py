@@ -27,18 +27,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recbench.batch import PAD_ID, SEQUENCE, Batch
+from recbench.batch import PAD_ID, SEQUENCE, Batch, trim_left_padding
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.nn import TransformerBlock, causal_padding_mask
 from recbench.retrieval import exact_top_items
-
-
-def trim_left_padding(sequences: torch.Tensor) -> torch.Tensor:
-    """Drop leading columns that are padding in every row (most histories are far shorter than L)."""
-    used = (sequences != PAD_ID).any(dim=0)
-    first = int(used.to(torch.int8).argmax()) if bool(used.any()) else sequences.shape[1] - 1
-    return sequences[:, first:]
 
 
 class SASRec(SeqRecModel):
@@ -96,7 +89,7 @@ class SASRec(SeqRecModel):
 
         Positions are anchored at the right: the newest slot is always position ``max_len``, as in
         a full-length window. So dropping leading columns that are padding in every row (see
-        :func:`trim_left_padding`) changes nothing but the cost.
+        :func:`~recbench.batch.trim_left_padding`) changes nothing but the cost.
         """
         valid = history != PAD_ID  # (B, L)
         length = history.shape[1]

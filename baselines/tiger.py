@@ -91,7 +91,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recbench.batch import HISTORY, PAD_ID, TARGET, Batch
+from recbench.batch import HISTORY, PAD_ID, TARGET, Batch, trim_left_padding
 from recbench.data import SeqRecDataModule
 from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
@@ -477,13 +477,6 @@ class _TigerNetwork(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _trim_left_padding(history: Tensor) -> Tensor:
-    """Drop leading columns of (B, L) that are padding in every row (positions count from the newest)."""
-    used = (history != PAD_ID).any(dim=0)
-    first = int(used.to(torch.int8).argmax()) if bool(used.any()) else history.shape[1] - 1
-    return history[:, first:]
-
-
 class TIGER(SeqRecModel):
     """TIGER-style autoregressive semantic-ID recommender (see the module docstring).
 
@@ -704,7 +697,7 @@ class TIGER(SeqRecModel):
     # ------------------------------------------------------------------ training
     def _history_codes(self, history: Tensor) -> Tensor:
         """(B, L) items -> (B, L', n) codes of the last ``history_items`` (all-padding columns dropped)."""
-        return self.sid_codes[_trim_left_padding(history[:, -self.history_items :])]
+        return self.sid_codes[trim_left_padding(history[:, -self.history_items :])]
 
     def loss(self, batch: Batch) -> Tensor:
         """Mean cross-entropy over the n digits of the target's ID, teacher-forced."""

@@ -66,6 +66,7 @@ from datamodules._io import (
     require_str,
 )
 from recbench.data import (
+    DEFAULT_LENGTH_BUCKETS,
     CanonicalTables,
     DataFormatError,
     MissingDataError,
@@ -117,7 +118,7 @@ class AmazonDataModule(SeqRecDataModule):
         data_dir: the folder holding this category's files (default
             ``$RECBENCH_DATA_DIR/amazon/<category>``).
         max_len, split, train_format, batch_size, eval_batch_size, num_workers, val_subset,
-        split_seed, session_fractions, temporal_quantiles, cache_dir:
+        split_seed, session_fractions, temporal_quantiles, cache_dir, length_buckets:
             :class:`~recbench.data.SeqRecDataModule` options.
     """
 
@@ -140,6 +141,7 @@ class AmazonDataModule(SeqRecDataModule):
         session_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         temporal_quantiles: tuple[float, float] = (0.8, 0.9),
         cache_dir: str | None = None,
+        length_buckets: int | None = DEFAULT_LENGTH_BUCKETS,
     ) -> None:
         super().__init__(
             max_len=max_len,
@@ -153,6 +155,7 @@ class AmazonDataModule(SeqRecDataModule):
             session_fractions=session_fractions,
             temporal_quantiles=temporal_quantiles,
             cache_dir=cache_dir,
+            length_buckets=length_buckets,
         )
         if category not in OFFICIAL_CATEGORY:
             raise ValueError(f"category must be one of {sorted(OFFICIAL_CATEGORY)}, got {category!r}")

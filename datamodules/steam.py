@@ -72,6 +72,7 @@ from datamodules._io import (
     require_str,
 )
 from recbench.data import (
+    DEFAULT_LENGTH_BUCKETS,
     CanonicalTables,
     DataFormatError,
     MissingDataError,
@@ -120,7 +121,7 @@ class SteamDataModule(SeqRecDataModule):
         data_dir: the folder holding the Steam files (default ``$RECBENCH_DATA_DIR/steam``).
         min_interactions: the k of the k-core filter on the official reviews (ignored by setrec).
         max_len, split, train_format, batch_size, eval_batch_size, num_workers, val_subset,
-        split_seed, session_fractions, temporal_quantiles, cache_dir:
+        split_seed, session_fractions, temporal_quantiles, cache_dir, length_buckets:
             :class:`~recbench.data.SeqRecDataModule` options.
     """
 
@@ -143,6 +144,7 @@ class SteamDataModule(SeqRecDataModule):
         session_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         temporal_quantiles: tuple[float, float] = (0.8, 0.9),
         cache_dir: str | None = None,
+        length_buckets: int | None = DEFAULT_LENGTH_BUCKETS,
     ) -> None:
         super().__init__(
             max_len=max_len,
@@ -156,6 +158,7 @@ class SteamDataModule(SeqRecDataModule):
             session_fractions=session_fractions,
             temporal_quantiles=temporal_quantiles,
             cache_dir=cache_dir,
+            length_buckets=length_buckets,
         )
         if source_format not in ("auto", "setrec", "official"):
             raise ValueError(f"source_format must be auto, setrec or official, got {source_format!r}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars
 
-from recbench.data import CanonicalTables, SeqRecDataModule
+from recbench.data import DEFAULT_LENGTH_BUCKETS, CanonicalTables, SeqRecDataModule
 
 BEAUTY_USERS = 22_363
 BEAUTY_ITEMS = 12_101
@@ -57,6 +57,7 @@ class SyntheticDataModule(SeqRecDataModule):
         val_subset: int | None = None,
         split_seed: int = 0,
         cache_dir: str | None = None,
+        length_buckets: int | None = DEFAULT_LENGTH_BUCKETS,
     ) -> None:
         super().__init__(
             max_len=max_len,
@@ -68,6 +69,7 @@ class SyntheticDataModule(SeqRecDataModule):
             val_subset=val_subset,
             split_seed=split_seed,
             cache_dir=cache_dir,
+            length_buckets=length_buckets,
         )
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")

@@ -64,6 +64,7 @@ import polars
 
 from datamodules._io import cast_int_column, read_delimited, read_id_sequences
 from recbench.data import (
+    DEFAULT_LENGTH_BUCKETS,
     CanonicalTables,
     DataFormatError,
     MissingDataError,
@@ -102,7 +103,7 @@ class YooChooseDataModule(SeqRecDataModule):
         include_buys: ``official`` only: add the purchases of ``yoochoose-buys.dat`` as events.
         min_session_length: drop sessions with fewer clicks than this (1 keeps every session).
         max_len, split, train_format, batch_size, eval_batch_size, num_workers, val_subset,
-        split_seed, session_fractions, temporal_quantiles, cache_dir:
+        split_seed, session_fractions, temporal_quantiles, cache_dir, length_buckets:
             :class:`~recbench.data.SeqRecDataModule` options (here ``max_len=10``,
             ``split="session"`` by default).
     """
@@ -127,6 +128,7 @@ class YooChooseDataModule(SeqRecDataModule):
         session_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         temporal_quantiles: tuple[float, float] = (0.8, 0.9),
         cache_dir: str | None = None,
+        length_buckets: int | None = DEFAULT_LENGTH_BUCKETS,
     ) -> None:
         super().__init__(
             max_len=max_len,
@@ -140,6 +142,7 @@ class YooChooseDataModule(SeqRecDataModule):
             session_fractions=session_fractions,
             temporal_quantiles=temporal_quantiles,
             cache_dir=cache_dir,
+            length_buckets=length_buckets,
         )
         if source_format not in ("auto", "rc15", "clicks_tsv", "official"):
             raise ValueError(

@@ -50,3 +50,22 @@ def left_pad_windows(
     valid = index >= starts.unsqueeze(1)
     gathered = items[index.clamp(min=0)]
     return torch.where(valid, gathered, torch.zeros_like(gathered))
+
+
+def trim_left_padding(grid: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns of a left-padded ``(B, L)`` grid that are padding in every row.
+
+    The one implementation every model uses (SASRec, TIGER, DiffGRM): with left padding the newest
+    item stays last, and every model counts positions from the newest item or from the mask, so
+    the result is unchanged and only the cost falls (most Beauty histories fill under 10 of 50
+    slots). A grid with no real item keeps its last column, so shapes stay non-empty. The column
+    index is read on the host (one sync per batch), the price of a narrower grid.
+    """
+    used = (grid != PAD_ID).any(dim=0)  # (L,)
+    first = int(used.to(torch.int8).argmax()) if bool(used.any()) else grid.shape[1] - 1
+    return grid[:, first:]  # (B, L')
+
+
+def padding_slots(grid: torch.Tensor) -> tuple[int, int]:
+    """``(padded slots, all slots)`` of a ``(B, L)`` item grid (``PAD_ID`` = padding)."""
+    return int((grid == PAD_ID).sum()), grid.numel()

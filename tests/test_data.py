@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from datamodules.synthetic import SyntheticDataModule
-from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER
-from recbench.data import CanonicalTables, SeqRecDataModule
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER, padding_slots, trim_left_padding
+from recbench.data import DEFAULT_LENGTH_BUCKETS, CanonicalTables, LengthBucketSampler, SeqRecDataModule
 
 
 def _sequences(data: SyntheticDataModule) -> dict[int, list[int]]:
@@ -16,8 +16,16 @@ def _sequences(data: SyntheticDataModule) -> dict[int, list[int]]:
 
 
 def _all(loader) -> dict[str, torch.Tensor]:
+    """Every batch concatenated; grids of trimmed (bucketed) batches left-padded to the widest."""
     batches = list(loader)
-    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+    def widened(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if tensors[0].dim() < 2:
+            return tensors
+        width = max(t.shape[1] for t in tensors)
+        return [torch.nn.functional.pad(t, (width - t.shape[1], 0), value=PAD_ID) for t in tensors]
+
+    return {key: torch.cat(widened([b[key] for b in batches])) for key in batches[0]}
 
 
 def test_leave_one_out_targets_and_left_padding(tiny_data: SyntheticDataModule) -> None:
@@ -155,3 +163,88 @@ def test_stable_tie_rule_keeps_file_order() -> None:
     data = _Broken(interactions, items)
     data.setup()
     assert data._flat_items.tolist() == [3, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Length-bucketed training batches
+# ------------------------------------------------------------------------------------------------
+
+
+def _epoch(loader, epoch: int = 0) -> list[dict[str, torch.Tensor]]:
+    loader.sampler.set_epoch(epoch)  # what Lightning's fit loop does every epoch
+    return list(loader)
+
+
+@pytest.mark.parametrize("view", ["pairs", "sequence"])
+def test_bucketed_batches_serve_every_target_once_and_are_as_wide_as_their_longest_row(view: str) -> None:
+    data = SyntheticDataModule(scale=0.02, max_len=6, batch_size=16, train_format=view, length_buckets=4)
+    data.setup()
+    sequences = _sequences(data)
+    expected = _expected_pairs(sequences, data.max_len)
+    grid_key = HISTORY if view == "pairs" else SEQUENCE
+    batches = _epoch(data.train_dataloader())
+    assert len(batches) == len(data.train_dataloader())
+    served: list[tuple[int, int, tuple[int, ...]]] = []
+    for batch in batches:
+        grid = batch[grid_key]
+        assert bool((grid[:, 0] != PAD_ID).any())  # width = the longest real row
+        assert grid.shape[1] <= data.max_len + (view == "sequence")
+        if view == "pairs":
+            served += [
+                (u, t, tuple(h[h != PAD_ID].tolist()))
+                for u, t, h in zip(batch[USER].tolist(), batch[TARGET].tolist(), grid, strict=True)
+            ]
+        else:
+            for user, sequence in zip(batch[USER].tolist(), grid, strict=True):
+                real = sequence[sequence != PAD_ID].tolist()
+                served += [(user, real[i], ()) for i in range(1, len(real))]
+    if view == "pairs":
+        assert sorted(served) == expected  # every target once, with its truncated history
+    else:
+        assert sorted((u, t) for u, t, _ in served) == [(u, t) for u, t, _ in expected]
+
+
+def test_bucketed_batches_are_a_function_of_the_seed_and_the_epoch() -> None:
+    data = SyntheticDataModule(scale=0.02, batch_size=32, train_format="pairs")
+    data.setup()
+
+    def users(seed: int, epoch: int) -> list[list[int]]:
+        torch.manual_seed(seed)  # what seed_everything does; the loader reads torch.initial_seed()
+        return [batch[USER].tolist() for batch in _epoch(data.train_dataloader(), epoch)]
+
+    assert users(3, 0) == users(3, 0)
+    assert users(3, 1) == users(3, 1)
+    assert users(3, 1) != users(3, 0)  # reshuffled every epoch
+    assert users(4, 0) != users(3, 0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_ranks_get_disjoint_shares_with_equal_step_counts(world: int) -> None:
+    lengths = torch.randint(1, 51, (1001,), generator=torch.Generator().manual_seed(0))
+    shares = [
+        list(LengthBucketSampler(lengths, batch_size=64, buckets=8, seed=7, num_replicas=world, rank=rank))
+        for rank in range(world)
+    ]
+    # A DistributedSampler (of batches): Lightning then injects no sampler of its own under DDP.
+    assert isinstance(LengthBucketSampler(lengths, 64, 8, 7), torch.utils.data.DistributedSampler)
+    counts = {len(share) for share in shares}
+    assert counts == {len(LengthBucketSampler(lengths, 64, 8, 7, num_replicas=world))}  # equal, as __len__ says
+    served = sorted(index for share in shares for batch in share for index in batch)
+    assert served == list(range(len(lengths)))  # disjoint and complete: no row repeated or lost
+
+
+def test_bucketing_lowers_the_padding_share_and_is_recorded() -> None:
+    shares = {}
+    for buckets in (None, DEFAULT_LENGTH_BUCKETS):
+        data = SyntheticDataModule(scale=0.05, batch_size=64, train_format="pairs", length_buckets=buckets)
+        data.setup()
+        padded = total = 0
+        loader = data.train_dataloader()
+        for batch in loader if buckets is None else _epoch(loader):
+            grid = trim_left_padding(batch[HISTORY])  # what every model does with an unbucketed batch
+            slots = padding_slots(grid)
+            padded, total = padded + slots[0], total + slots[1]
+        shares[buckets] = padded / total
+        assert data.describe()["length_buckets"] == buckets
+    print(f"padding share: random batches {shares[None]:.3f}, {DEFAULT_LENGTH_BUCKETS} buckets {shares[DEFAULT_LENGTH_BUCKETS]:.3f}")
+    assert shares[DEFAULT_LENGTH_BUCKETS] < 0.25 < 0.6 < shares[None]

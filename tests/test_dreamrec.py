@@ -131,6 +131,46 @@ def test_stop_target_gradient_controls_the_gradient_through_x0(stop: bool) -> No
     assert reached is (not stop)
 
 
+def _windows_and_pairs(num_items: int, users: int, max_len: int, seed: int = 5) -> tuple[dict, dict]:
+    """The same user sequences (1..max_len + 1 items) as one batch of windows and as the batch of
+    all their (history, target) pairs, targets in row-major order."""
+    g = torch.Generator().manual_seed(seed)
+    sequence = torch.zeros(users, max_len + 1, dtype=torch.long)
+    for row in range(users):
+        length = int(torch.randint(2, max_len + 2, (1,), generator=g))
+        sequence[row, -length:] = torch.randint(1, num_items + 1, (length,), generator=g)
+    histories, targets = [], []
+    for row in range(users):  # row-major: the order in which the sequence view takes its targets
+        for j in range(max_len):
+            if sequence[row, j] != PAD_ID:  # input j is real: target j + 1 with history up to j
+                history = sequence[row, : j + 1]
+                histories.append(torch.nn.functional.pad(history, (max_len - len(history), 0)))
+                targets.append(sequence[row, j + 1])
+    user = torch.arange(users)
+    pairs = {"history": torch.stack(histories), "target": torch.stack(targets), "user": torch.zeros(len(targets))}
+    return {"sequence": sequence, "user": user}, pairs
+
+
+@pytest.mark.parametrize("denoiser", ["mlp1", "mlp2"])
+def test_sequence_view_loss_is_the_mean_of_the_pair_losses(denoiser: str) -> None:
+    # Encoder dropout off (its masks are drawn per window in one view, per pair in the other); CFG
+    # dropout on and large, so a per-target mismatch in the drop draws would show.
+    model = _model(max_len=8, dropout=0.0, uncond_prob=0.4, denoiser=denoiser).train()
+    windows, pairs = _windows_and_pairs(40, users=12, max_len=8)
+    assert model.training_view == "sequence"  # the default; the datamodule's "auto" follows it
+    torch.manual_seed(123)
+    sequence_loss = model.loss(windows)
+    torch.manual_seed(123)
+    pair_loss = model.loss(pairs)
+    difference = abs(sequence_loss.item() - pair_loss.item())
+    print(f"{denoiser}: sequence-view loss {sequence_loss.item():.6f}, pair mean {pair_loss.item():.6f}, |diff| {difference:.2e}")
+    assert difference < 1e-5
+    torch.manual_seed(124)
+    assert abs(model.loss(pairs).item() - pair_loss.item()) > 1e-3  # the noise matters: the check can fail
+    assert _model(training_view="pairs").training_view == "pairs"
+    assert _model(item_scope="all").run_notes()["training_view"].startswith("sequence")
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampling: fused == naive, DDIM, keyed noise
 # ------------------------------------------------------------------------------------------------
