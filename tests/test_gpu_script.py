@@ -27,6 +27,7 @@ from benchmark.gpu import unpack
 from benchmark.gpu.bench import fit_limit_minutes
 from benchmark.gpu.carry import CarryError, carried_caches, pack_tensors, unpack_tensors
 from benchmark.gpu.import_rows import import_rows
+from benchmark.gpu.import_rows import main as import_main
 from benchmark.gpu.prepare import parse_plan
 from benchmark.registry import instantiate_data
 from benchmark.run import ROW_COLUMNS, read_rows
@@ -173,16 +174,15 @@ def _drop_cases(results: Path) -> None:
     ],
     ids=["missing-cases", "metrics-differ", "schema-version", "commit-unknown"],
 )
-def test_a_damaged_archive_is_rejected_with_a_located_reason(gpu_round: dict, tmp_path: Path, change, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_archive_is_rejected_with_a_located_reason(gpu_round: dict, tmp_path: Path, capsys, change,  # type: ignore[no-untyped-def]
+                                                              reason: str) -> None:
     files = _damaged(gpu_round["out"], tmp_path, change)
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "benchmark.gpu.import_rows", str(files), "--results-dir", str(results),
-               "--profile", "smoke"]
-    result = subprocess.run(command, cwd=ROOT, env=_python_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "REJECTED results.tar.gz:results/beauty.csv:3 (run beauty-sasrec-smoke-seed1-" in result.stderr
-    assert reason in result.stderr
-    assert "1 row(s) stored, 1 rejected" in result.stdout  # the intact popularity row is stored
+    assert import_main([str(files), "--results-dir", str(results), "--profile", "smoke"]) == 1
+    printed = capsys.readouterr()
+    assert "REJECTED results.tar.gz:results/beauty.csv:3 (run beauty-sasrec-smoke-seed1-" in printed.err
+    assert reason in printed.err
+    assert "1 row(s) stored, 1 rejected" in printed.out  # the intact popularity row is stored
     assert [row["config"] for row in read_rows(results / "beauty.csv")] == ["popularity"]
 
 

@@ -139,9 +139,8 @@ def bench_on_device(
             for model in models:
                 config = model_config_for(model, profile)
                 for seed in seeds:
-                    if stopped:
-                        record(dataset, config, seed, "not started", reason="deadline")
-                        continue
+                    # The reasons a run can never start here come first, so that even a call out of
+                    # time reports them (a short GPU_BENCH_SECONDS is a dry run of the carry).
                     if problem:
                         record(dataset, config, seed, "skipped", reason=problem)
                         continue
@@ -155,7 +154,7 @@ def bench_on_device(
                     if key in existing_keys(stored_results, data.name) | existing_keys(results_dir, data.name):
                         record(dataset, config, seed, "skipped", reason="stored already")
                         continue
-                    limit = fit_limit_minutes(deadline - time.time(), reserve_seconds, min_fit_seconds)
+                    limit = None if stopped else fit_limit_minutes(deadline - time.time(), reserve_seconds, min_fit_seconds)
                     if limit is None:
                         stopped = True
                         record(dataset, config, seed, "not started", reason="deadline")
