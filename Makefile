@@ -24,7 +24,7 @@ PROFILE ?= quick
 RESULTS_DIR ?= runs/results
 export RECBENCH_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install test test-data test-full bench leaderboard lint
+.PHONY: install test test-data test-full bench leaderboard lint gpu-prepare gpu-bench gpu-import
 
 install:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -49,3 +49,18 @@ leaderboard:
 
 lint:
 	$(VENV)/bin/ruff check recbench datamodules baselines benchmark tests examples
+
+# The paper profile on a lent GPU (README, "Running the paper profile on a GPU"): `make gpu-prepare`
+# here builds .whl/ and .carry/; `make gpu-bench` (= `bash benchmark/gpu/run.sh`) is the device call's
+# command, with carry [".whl", ".carry"]; `make gpu-import FILES=<files_at>` stores the rows it returns.
+GPU_PLAN ?=
+GPU_RESULTS_DIR ?= results
+gpu-prepare:
+	$(PY) -m benchmark.gpu.prepare $(if $(GPU_PLAN),--plan '$(GPU_PLAN)',)
+
+gpu-bench:
+	bash benchmark/gpu/run.sh
+
+gpu-import:
+	$(if $(FILES),,$(error FILES=<the folder the device tool copied $$OUT into> is required))
+	$(PY) -m benchmark.gpu.import_rows $(FILES) --results-dir $(GPU_RESULTS_DIR)

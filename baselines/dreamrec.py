@@ -352,13 +352,7 @@ class DreamRec(SeqRecModel):
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: Batch) -> Tensor:
-<<<<<<< HEAD
-        """x0-prediction MSE (the reference's ``diffusion.p_losses``) on (history, target) pairs."""
-        self.clear_sampling_cache()  # the weights are about to change
-        x0 = self.item_embedding(batch[TARGET])  # (B, d)
-        if self.stop_target_gradient:  # the reference lets the loss shrink its own targets
-=======
-        """x0-prediction MSE (MODELS.md §5.5), averaged over the batch's targets; either view."""
+        """x0-prediction MSE (the reference's ``diffusion.p_losses``), averaged over the batch's targets; either view."""
         self.clear_sampling_cache()  # the weights are about to change
         if SEQUENCE in batch:  # one causal pass per window gives h for every target position
             sequence = trim_left_padding(batch[SEQUENCE])  # (B, L' + 1)
@@ -369,8 +363,7 @@ class DreamRec(SeqRecModel):
         else:
             h, target = self.condition(batch[HISTORY]), batch[TARGET]  # (B, d), (B,)
         x0 = self.item_embedding(target)  # (M, d)
-        if self.stop_target_gradient:  # the reference lets the loss shrink its own targets (§9.8)
->>>>>>> speed
+        if self.stop_target_gradient:  # the reference lets the loss shrink its own targets
             x0 = x0.detach()
         h = self.cfg_dropout(h)  # one uniform per target, then t and eps per target
 
