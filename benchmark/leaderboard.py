@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -198,17 +199,58 @@ def render_markdown(table: polars.DataFrame, references: list[PublishedFigure] |
     return head + "".join(render_section(key, rows, references) for key, rows in _sections(table))
 
 
+#: Bump when the drawing code changes, so cached PNGs are redrawn.
+PLOT_LAYOUT_VERSION = 1
+PLOT_DIGESTS = ".digests.json"
+
+
+def _section_digest(rows: polars.DataFrame, references: list[PublishedFigure], dataset: str) -> str:
+    """What a section's plots are drawn from: its rows and the dataset's published figures."""
+    published = [(f.source, f.model, f.history, sorted(f.metrics.items())) for f in references if f.dataset == dataset]
+    blob = json.dumps([PLOT_LAYOUT_VERSION, rows.sort("config", "seed", "run_id").write_csv(), published], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def plot(table: polars.DataFrame, plots_dir: Path, references: list[PublishedFigure] | None = None) -> list[Path]:
     """Per section: ``<dataset>-<protocol>-<profile>.png`` (bars) and ``…-compute.png`` (quality vs
-    compute). Stale PNGs from earlier layouts in ``plots_dir`` are removed: the folder is rendered."""
+    compute). Stale PNGs from earlier layouts in ``plots_dir`` are removed: the folder is rendered.
+
+    A section whose rows and published figures are unchanged since its PNGs were drawn (a digest per
+    section in ``plots_dir/.digests.json``) keeps them: matplotlib costs seconds per figure, and most
+    calls change one section or none.
+    """
+    references = load_references() if references is None else references
+    written: list[Path] = []
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    digest_file = plots_dir / PLOT_DIGESTS
+    previous: dict[str, str] = json.loads(digest_file.read_text()) if digest_file.exists() else {}
+    digests: dict[str, str] = {}
+    pending: list[tuple[tuple[str, str, str], polars.DataFrame]] = []
+    for key, rows in _sections(table):
+        stem = "-".join(key)
+        digests[stem] = _section_digest(rows, references, key[0])
+        names = [f"{stem}-compute.png"] + ([f"{stem}.png"] if rows["converged"].any() else [])
+        if previous.get(stem) == digests[stem] and all((plots_dir / name).exists() for name in names):
+            written += [plots_dir / name for name in names]
+        else:
+            pending.append((key, rows))
+    if pending:
+        written += _draw(pending, plots_dir, references)
+    for stale in set(plots_dir.glob("*.png")) - set(written):
+        stale.unlink()
+    atomic_write_text(digest_file, json.dumps(digests, indent=1, sort_keys=True))
+    return written
+
+
+def _draw(
+    sections: list[tuple[tuple[str, str, str], polars.DataFrame]], plots_dir: Path, references: list[PublishedFigure]
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    references = load_references() if references is None else references
     written: list[Path] = []
-    plots_dir.mkdir(parents=True, exist_ok=True)
 
     def save(figure: object, name: str) -> None:
         path = plots_dir / name
@@ -218,7 +260,7 @@ def plot(table: polars.DataFrame, plots_dir: Path, references: list[PublishedFig
         temporary.replace(path)
         written.append(path)
 
-    for (dataset, protocol, profile), rows in _sections(table):
+    for (dataset, protocol, profile), rows in sections:
         stem = f"{dataset}-{protocol}-{profile}"
         summary = summarise(rows)
         if summary.height:
@@ -267,8 +309,6 @@ def plot(table: polars.DataFrame, plots_dir: Path, references: list[PublishedFig
         axis.legend(fontsize=7)
         figure.tight_layout()
         save(figure, f"{stem}-compute.png")
-    for stale in set(plots_dir.glob("*.png")) - set(written):
-        stale.unlink()
     return written
 
 

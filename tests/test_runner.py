@@ -232,8 +232,20 @@ def test_leaderboard_for_one_dataset_keeps_the_other_sections(tmp_path: Path) ->
     assert "## alpha" in printed and "## beta" not in printed
     written = (tmp_path / "LEADERBOARD.md").read_text()
     assert "## alpha" in written and "## beta" in written
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+    plots = tmp_path / "plots"
+    assert {p.name for p in plots.glob("*.png")} == {
         "alpha-p-smoke.png", "alpha-p-smoke-compute.png", "beta-p-smoke.png", "beta-p-smoke-compute.png"}
+    # Unchanged sections keep their PNGs; a changed section is redrawn, and only that one.
+    drawn = {p.name: p.stat().st_mtime_ns for p in plots.glob("*.png")}
+    time.sleep(0.01)
+    leaderboard(tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in plots.glob("*.png")} == drawn
+    append_row(tmp_path / "beta.csv", {**_row(2), "dataset": "beta", "ndcg@10": 0.3, "recall@10": 0.3,
+                                       "converged": True, "stopped_by": "early stopping", "device": "cpu",
+                                       "train_seconds": 2.0, "run_id": "beta-run-2"})
+    leaderboard(tmp_path)
+    redrawn = {p.name for p in plots.glob("*.png") if p.stat().st_mtime_ns != drawn[p.name]}
+    assert redrawn == {"beta-p-smoke.png", "beta-p-smoke-compute.png"}
 
 
 def test_peak_memory_is_the_runs_own_not_the_process_lifetime() -> None:
