@@ -22,6 +22,8 @@ PROFILE ?= quick
 # Where `make bench` writes rows: a git-ignored local directory by default; RESULTS_DIR=results
 # stores them into the reference leaderboard (an explicit choice).
 RESULTS_DIR ?= runs/results
+# Checkpoints and logs of `make bench` (resumable runs live here).
+WORK_DIR ?= runs/bench
 export RECBENCH_DATA_DIR ?= $(abspath ../shared/data)
 
 .PHONY: install test test-data test-full bench leaderboard lint gpu-prepare gpu-bench gpu-import
@@ -42,7 +44,7 @@ test-full:
 	$(PY) -m pytest -q -m "not gpu"
 
 bench:
-	RECBENCH_RESULTS_DIR=$(RESULTS_DIR) $(VENV)/bin/recbench bench --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS),)
+	RECBENCH_RESULTS_DIR=$(RESULTS_DIR) $(VENV)/bin/recbench bench --work_dir $(WORK_DIR) --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS),)
 
 leaderboard:
 	$(VENV)/bin/recbench leaderboard

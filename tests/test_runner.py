@@ -211,7 +211,7 @@ def test_make_bench_into_an_empty_local_dir_runs_and_compares(tmp_path: Path) ->
     local = tmp_path / "local"
     result = subprocess.run(
         ["make", "-s", "bench", f"VENV={Path(sys.executable).parent.parent}", "DATASET=synthetic_tiny",
-         "PROFILE=smoke", "MODELS=popularity", f"RESULTS_DIR={local}"],
+         "PROFILE=smoke", "MODELS=popularity", f"RESULTS_DIR={local}", f"WORK_DIR={tmp_path / 'work'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
