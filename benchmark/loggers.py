@@ -51,6 +51,13 @@ class LoggerSpec:
         """The default: Lightning's CSV logger under ``save_dir``."""
         return cls(CSV_LOGGER, {"save_dir": str(save_dir)})
 
+    def under(self, work_dir: Path) -> LoggerSpec:
+        """This spec with a ``save_dir`` left at the default moved to ``work_dir`` (the bench's
+        ``--work_dir``), so one flag moves checkpoints and logs together."""
+        if Path(str(self.init_args.get("save_dir", ""))) != DEFAULT_SAVE_DIR:
+            return self
+        return LoggerSpec(self.class_path, {**self.init_args, "save_dir": str(work_dir)})
+
     def as_config(self) -> dict[str, object]:
         """The ``class_path``/``init_args`` form jsonargparse reads (for a parser default)."""
         return {"class_path": self.class_path, "init_args": dict(self.init_args)}

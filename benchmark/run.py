@@ -383,8 +383,9 @@ def run_one(
         options["limit_train_batches"] = profile.limit_train_batches
     options.update(trainer_overrides)
     if isinstance(options["logger"], LoggerSpec):
-        # Built here, once per run, so that two runs of one bench never share a log directory.
-        options["logger"] = options["logger"].build(spec.run_id)
+        # Built here, once per run, so that two runs of one bench never share a log directory; logs
+        # left at the default directory follow the work directory, beside the run's checkpoints.
+        options["logger"] = options["logger"].under(work_dir).build(spec.run_id)
     trainer = pl.Trainer(**options)  # type: ignore[arg-type]
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = last.exists() and not force
