@@ -13,9 +13,10 @@ Decisions:
   (so ``--trainer.logger`` takes a ``class_path``). Only values that differ from the Trainer's own
   defaults are passed on: the profile sets ``max_epochs``, precision and so on, and a default
   printed by ``--print_config`` and fed back must not override it. ``callbacks`` is left out: the
-  runner's callbacks (checkpoint and early stopping on ``val/ndcg@10``, the time budget) define what a
+  runner's callbacks (checkpoint and early stopping on ``val/ndcg@10``, the safety time limit) define what a
   row means. The logger is always passed on, as a :class:`~benchmark.loggers.LoggerSpec` built once
   per run; the default is CSV (see :mod:`benchmark.loggers`).
+- A bare boolean option is a switch: ``--force`` means ``--force true``.
 - Researchers type lists with commas: for a list-typed parameter, ``--models popularity,sasrec``
   means ``--models [popularity,sasrec]`` (and ``--seeds 1`` means ``[1]``).
 - ``--results-dir`` is ``--results_dir``: the argparse spelling of the earlier command line (and of
@@ -68,6 +69,7 @@ def normalise_argv(function: Callable[..., object], argv: Sequence[str]) -> list
     signature = inspect.signature(function)
     hints = typing.get_type_hints(function)
     list_options = {f"--{name}" for name in signature.parameters if _list_typed(hints.get(name))}
+    flag_options = {f"--{name}" for name in signature.parameters if hints.get(name) is bool}
     out = []
     for arg in argv:
         option, equals, value = arg.partition("=")
@@ -85,6 +87,13 @@ def normalise_argv(function: Callable[..., object], argv: Sequence[str]) -> list
     index = 0
     while index < len(out):
         option, equals, value = out[index].partition("=")
+        if option in flag_options and not equals:
+            # A bare boolean option is a switch (`--force`), as in argparse and the earlier command line.
+            following = out[index + 1] if index + 1 < len(out) else None
+            if following is None or following.lower() not in ("true", "false"):
+                out.insert(index + 1, "true")
+            index += 2
+            continue
         if option in list_options:
             if equals:
                 out[index] = f"{option}={as_list(value)}"

@@ -145,3 +145,7 @@ def test_comma_lists_dashed_options_and_a_bare_first_value_are_normalised() -> N
         "--models", "[a,b]", "--seeds=[1]", "--results_dir", "r", "--trainer.max_epochs", "2"]
     assert normalise_argv(bench, ["--models", "[a, b]"]) == ["--models", "[a, b]"]
     assert normalise_argv(compare, ["sasrec_h128", "--dataset", "beauty"])[:2] == ["--run_or_config", "sasrec_h128"]
+    # a bare boolean option is a switch; an explicit value stays
+    assert normalise_argv(bench, ["--force", "--seeds", "1"]) == ["--force", "true", "--seeds", "[1]"]
+    assert normalise_argv(bench, ["--seeds", "1", "--force"]) == ["--seeds", "[1]", "--force", "true"]
+    assert normalise_argv(bench, ["--force", "false"]) == ["--force", "false"]
