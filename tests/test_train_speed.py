@@ -18,7 +18,7 @@ from recbench.batch import SEQUENCE, padding_slots, trim_left_padding
 def test_train_speed_reports_every_measure_and_the_padding_share_of_the_batches_it_fed(tmp_path: Path) -> None:
     payload = train_speed.main(
         ["--dataset", "synthetic_tiny", "--models", "sasrec", "--profile", "smoke", "--epochs", "2",
-         "--device", "cpu", "--out", str(tmp_path)]
+         "--device", "cpu", "--out", str(tmp_path), "--length-buckets", "32"]
     )  # fmt: skip
     written = json.loads((tmp_path / "train_speed_synthetic-x0.02_cpu.json").read_text())
     assert written["models"] == json.loads(json.dumps(payload["models"]))
@@ -34,7 +34,7 @@ def test_train_speed_reports_every_measure_and_the_padding_share_of_the_batches_
     assert all(0 <= point["val_ndcg@10"] <= 1 for point in curve)
     # Independent count over the same two epochs of batches: the loader's seed is the one
     # seed_everything(1) set, its epochs 0 and 1 are what the fit loop ran.
-    data = instantiate_data("synthetic_tiny", train_format="sequence")
+    data = instantiate_data("synthetic_tiny", train_format="sequence", length_buckets=32)
     torch.manual_seed(1)
     loader = data.train_dataloader()
     padded = slots = 0

@@ -134,12 +134,15 @@ def measure(
     max_test_users: int | None,
     seed: int,
     device: torch.device,
+    length_buckets: int | None = None,
 ) -> dict[str, object]:
-    """Fit one model config for ``epochs`` epochs and time it (module docstring)."""
+    """Fit one model config for ``epochs`` epochs and time it (module docstring); ``length_buckets``
+    as the datamodule option (None: the data config's own setting)."""
     profile = load_profile(profile_name)
     config = model_config_for(name, profile)
     pl.seed_everything(seed, workers=True, verbose=False)
-    data = instantiate_data(dataset, val_subset=profile.val_subset)
+    bucketing = {} if length_buckets is None else {"length_buckets": length_buckets}
+    data = instantiate_data(dataset, val_subset=profile.val_subset, **bucketing)
     model = instantiate_model(config, data.num_items, data.max_len)
     data.train_format = model.training_view  # what "auto" resolves to under a Trainer
     full_batches = len(data.train_dataloader())
@@ -245,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-train-batches", type=int, default=None, help="time a prefix, extrapolate the epoch")
     parser.add_argument("--max-test-users", type=int, default=None, help="test on this many cases (default all)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--length-buckets", type=int, default=None, help="length-bucketed batches (default: as configured)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("results/perf"))
     args = parser.parse_args(argv)
@@ -256,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in models:
         print(f"[train_speed] {name} on {args.dataset} ({device.type})", flush=True)
         results.append(
-            measure(name, args.dataset, args.profile, args.epochs, args.max_train_batches, args.max_test_users, args.seed, device)
+            measure(name, args.dataset, args.profile, args.epochs, args.max_train_batches, args.max_test_users, args.seed,
+                    device, args.length_buckets)
         )
     data_name = instantiate_data(args.dataset).name
     payload: dict[str, Any] = {
