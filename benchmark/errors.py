@@ -9,11 +9,8 @@ entry point (``benchmark.cli.main``) and turns
   :data:`EXIT_DATA` (1),
 - :class:`~benchmark.registry.ConfigError` (an unknown config name, with the valid names, or a
   config that does not instantiate) into :data:`EXIT_CONFIG` (2, argparse's code for a usage
-  error), and
-- a ``FileNotFoundError`` for a value given on the command line to ``--models``/``--model``,
-  ``--dataset``/``--data`` or ``--profile`` (the runner reads a model YAML before it instantiates
-  it, so an unknown model name arrives as a bare ``FileNotFoundError``) into the same message as
-  :class:`~benchmark.registry.ConfigError`: ``unknown model 'x': expected a YAML path or one of …``.
+  error). Commands check every config name through :func:`benchmark.registry.require_config`
+  before they read data or build a model, so an unknown name always arrives as this error.
 
 Each is printed as ``recbench: error: <message>`` on stderr. Every other exception is a bug and
 keeps its traceback. ``--debug`` (anywhere on the command line; removed before the command sees
@@ -27,52 +24,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from benchmark.registry import ConfigError, config_names, resolve_config
+from benchmark.registry import ConfigError
 
 EXIT_DATA = 1
 EXIT_CONFIG = 2
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "RECBENCH_DEBUG"
-# Command-line options whose values are config names, and the config kind each names.
-_NAME_OPTIONS: tuple[tuple[str, str], ...] = (
-    ("--models", "model"),
-    ("--model", "model"),
-    ("--dataset", "data"),
-    ("--data", "data"),
-    ("--profile", "profile"),
-)
-
 Main = Callable[[Sequence[str] | None], None]
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def named_values(argv: Sequence[str]) -> list[tuple[str, str]]:
-    """``(kind, value)`` for every config name given on the command line (comma lists split)."""
-    found: list[tuple[str, str]] = []
-    for index, arg in enumerate(argv):
-        for option, kind in _NAME_OPTIONS:
-            if arg == option and index + 1 < len(argv):
-                value = argv[index + 1]
-            elif arg.startswith(option + "="):
-                value = arg.split("=", 1)[1]
-            else:
-                continue
-            found += [(kind, part) for part in value.split(",") if part]
-    return found
-
-
-def unknown_name_message(error: FileNotFoundError, argv: Sequence[str]) -> str | None:
-    """The ConfigError-style message when ``error`` is about a name from the command line."""
-    missing = error.filename
-    if not isinstance(missing, str):
-        return None
-    for kind, value in named_values(argv):
-        if missing in (value, resolve_config(kind, value)):
-            return f"unknown {kind} {value!r}: expected a YAML path or one of {', '.join(config_names(kind))}"
-    return None
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
@@ -106,9 +68,6 @@ def reports_errors(main: Main) -> Main:
                 _fail(str(error), EXIT_DATA)
             if isinstance(error, ConfigError):
                 _fail(str(error), EXIT_CONFIG)
-            message = unknown_name_message(error, args) if isinstance(error, FileNotFoundError) else None
-            if message is None:
-                raise
-            _fail(message, EXIT_CONFIG)
+            raise
 
     return wrapper

@@ -474,6 +474,7 @@ def compare(
         reference_dir: the stored leaderboard to compare with (converged rows only).
         work_dir: checkpoints and logs of a run trained now.
     """
+    from benchmark.registry import require_config
     from benchmark.run import RunSpec, load_profile, model_config_for, run_one
 
     results_dir = resolve_results_dir(results_dir)
@@ -484,6 +485,7 @@ def compare(
         new_row = json.loads((stored_run / "metrics.json").read_text())
         new_cases_dir = stored_run.parent.parent
     else:
+        require_config("model", run_or_config)  # a typo stops here with the valid names, before any work
         loaded_profile = load_profile(profile)
         spec = RunSpec(dataset, model_config_for(run_or_config, loaded_profile), seed, loaded_profile)
         metrics_file = results_dir / "runs" / spec.run_id / "metrics.json"

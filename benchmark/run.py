@@ -63,10 +63,10 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from benchmark.loggers import LoggerSpec
 from benchmark.registry import (
     CONFIG_DIR,
-    ConfigError,
     config_names,
     instantiate_data,
     instantiate_model,
+    require_config,
     resolve_config,
 )
 
@@ -161,9 +161,7 @@ class Profile:
 def load_profile(name_or_path: str) -> Profile:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(Profile, "profile")
-    path = resolve_config("profile", name_or_path)
-    if not Path(path).is_file():
-        raise ConfigError(f"unknown profile {name_or_path!r}: expected a YAML path or one of {', '.join(config_names('profile'))}")
+    path = require_config("profile", name_or_path)
     config = parser.parse_object({"profile": yaml.safe_load(Path(path).read_text())})
     return parser.instantiate(config).profile
 
@@ -562,8 +560,7 @@ def bench(
     loaded_profile = load_profile(profile)
     model_names = list(models) if models else default_models()
     for name in model_names:  # every name checked before the first fit, not after an hour of them
-        if not Path(resolve_config("model", name)).is_file():
-            raise ConfigError(f"unknown model {name!r}: expected a YAML path or one of {', '.join(config_names('model'))}")
+        require_config("model", name)
     data = instantiate_data(dataset, **data_overrides)
     overrides_key = tuple(sorted((key, json.dumps(value, default=str)) for key, value in data_overrides.items()))
     # Decided once, before any run: under DDP every process re-executes this and must agree.

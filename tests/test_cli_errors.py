@@ -1,7 +1,7 @@
 """The ``recbench`` entry point turns the project's own errors into one message and an exit code.
 
 Issue 15, item 8: ``recbench data prepare`` on a broken file printed 22 lines of traceback before the
-located message, and ``recbench bench --models <unknown>`` a bare ``FileNotFoundError``.
+located message, and ``recbench bench --models <unknown>`` a bare ``FileNotFoundError`` (before).
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ def test_missing_data_is_one_message(tmp_path: Path, capsys: pytest.CaptureFixtu
             ["bench", "--dataset", "synthetic_tiny", "--profile", "smoke", "--models", "nope,sasrec"],
             "unknown model 'nope': expected a YAML path or one of ",
         ),
+        # Every name is checked before the first fit, whatever its place in the list.
+        (
+            ["bench", "--dataset", "synthetic_tiny", "--profile", "smoke", "--models", "sasrec,nope"],
+            "unknown model 'nope': expected a YAML path or one of ",
+        ),
+        (["bench", "--dataset", "synthetic_tiny", "--profile", "quik", "--models", "sasrec"],
+         "unknown profile 'quik': expected a YAML path or one of paper, quick, smoke"),
+        (["compare", "nope", "--dataset", "synthetic_tiny"], "unknown model 'nope': expected a YAML path or one of "),
     ],
 )
 def test_unknown_names_list_the_valid_ones(
@@ -91,7 +99,8 @@ def test_unknown_names_list_the_valid_ones(
     assert exit_info.value.code == EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.startswith(f"recbench: error: {expected}")
-    assert ("sasrec" if argv[0] == "bench" else "toys") in err and "Traceback" not in err
+    listed = "toys" if argv[0] == "data" else ("smoke" if "quik" in argv else "sasrec")
+    assert listed in err and "Traceback" not in err
 
 
 def test_installed_command_prints_no_traceback(tmp_path: Path) -> None:
