@@ -77,7 +77,6 @@ from benchmark.store import LOCAL_RESULTS_DIR as LOCAL_RESULTS_DIR
 from benchmark.store import METRIC_COLUMNS as METRIC_COLUMNS
 from benchmark.store import REFERENCE_RESULTS_DIR as REFERENCE_RESULTS_DIR
 from benchmark.store import atomic_write_text as atomic_write_text
-from benchmark.store import device_slug as device_slug
 from benchmark.store import locked as locked
 from benchmark.store import read_rows as read_rows
 from benchmark.store import resolve_results_dir as resolve_results_dir

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import fcntl
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,8 +68,3 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-
-
-def device_slug(device: str) -> str:
-    """A file-name form of a device name: ``"AMD EPYC (2 cores)"`` -> ``"amd-epyc-2-cores"``."""
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
