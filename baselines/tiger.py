@@ -57,7 +57,7 @@ Two stages, with ``n`` digits per semantic ID (SID), ``K`` codes per digit and `
    approximate, and the share of short excluded lists is reported).
 
 Speed (exact): the encoder runs its projections and FFN on the real tokens only (padding is most
-of a left-padded batch; :func:`_packed_encoder_block`), the loss is one (B x n x K) cross-entropy,
+of a left-padded batch; :meth:`~recbench.nn.TransformerBlock.forward_packed`), the loss is one (B x n x K) cross-entropy,
 and decoding touches the encoder once per user and the decoder once per digit with a KV cache.
 
 Small data. Residual k-means needs at least ``codebook_size`` training items. When the training
@@ -219,88 +219,6 @@ class _DecodeState:
     beams: int
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """(R, T, H * Dh) -> (R, H, T, Dh)."""
-    rows, length, _ = x.shape
-    return x.view(rows, length, heads, -1).transpose(1, 2)
-
-
-def _packed_encoder_block(block: TransformerBlock, x: Tensor, index: Tensor, mask: Tensor) -> Tensor:
-    """:meth:`recbench.nn.TransformerBlock.forward` (self-attention only) on the real tokens only.
-
-    Most of a batch's encoder grid is padding (histories are left-padded to the longest one), and
-    the projections and the FFN, the bulk of the cost, are position-wise: they run on the ``M`` real
-    tokens ``x`` (M, d); only attention sees the (B, S) grid, with padded queries and keys zero
-    (padded keys are masked, padded queries are dropped). Same result as the padded forward up to
-    float rounding, dropout included; ``tests/test_tiger.py`` checks it.
-
-    Args:
-        x: (M, d) real tokens, in the order of ``index``.
-        index: (M,) their flat positions in the (B * S) grid.
-        mask: (B, 1, 1, S) True = real key.
-    """
-    attention = block.self_attention
-    batch, length = mask.shape[0], mask.shape[-1]
-    heads, width = attention.num_heads, attention.num_heads * attention.head_dim
-    h = block.self_norm(x)
-    qkv = torch.cat([attention.query(h), attention.key_value(h)], dim=-1)  # (M, 3 H Dh): q | k | v
-    grid = qkv.new_zeros(batch * length, 3 * width).index_copy(0, index, qkv)  # (B * S, 3 H Dh)
-    q, k, v = grid.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh) each
-    dropout = attention.dropout if block.training else 0.0
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, S, Dh)
-    y = y.transpose(1, 2).reshape(batch * length, width)[index]  # (M, H Dh)
-    x = x + block.dropout(attention.out(y))
-    return x + block.dropout(block.ffn(block.ffn_norm(x)))
-
-
-def _cached_decoder_block(
-    block: TransformerBlock,
-    x: Tensor,
-    past: tuple[Tensor, Tensor],
-    memory_kv: tuple[Tensor, Tensor],
-    memory_mask: Tensor,
-    beams: int,
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """One new decoder position through ``block`` with a KV cache; eval mode (no dropout).
-
-    Mirrors :meth:`recbench.nn.TransformerBlock.forward` (pre-LN: self-attention, cross-attention,
-    FFN, each residual) for the last position of a causal sequence; ``tests/test_tiger.py`` checks
-    it against the full forward.
-
-    Args:
-        x: (B * w, 1, d) the new position's input.
-        past: self-attention (keys, values) of the previous positions, (B * w, H, t, Dh).
-        memory_kv: cross-attention (keys, values), (B, H, S, Dh).
-        memory_mask: (B, 1, 1, S).
-        beams: w.
-
-    Returns:
-        The block output (B * w, 1, d) and the extended cache (B * w, H, t + 1, Dh) each.
-    """
-    attention = block.self_attention
-    heads = attention.num_heads
-    rows = x.shape[0]
-    h = block.self_norm(x)
-    q = _split_heads(attention.query(h), heads)  # (R, H, 1, Dh)
-    k_new, v_new = attention.key_value(h).view(rows, 1, 2, heads, -1).permute(2, 0, 3, 1, 4)  # (R, H, 1, Dh)
-    keys = torch.cat([past[0], k_new], dim=2)  # (R, H, t + 1, Dh)
-    values = torch.cat([past[1], v_new], dim=2)
-    # Every cached position precedes the new one: the causal mask is all True here.
-    y = F.scaled_dot_product_attention(q, keys, values)  # (R, H, 1, Dh)
-    x = x + attention.out(y.transpose(1, 2).reshape(rows, 1, -1))
-    cross = block.cross_attention
-    assert cross is not None and block.cross_norm is not None
-    users = rows // beams
-    # The w beams of a user are w queries against that user's memory: no per-beam copy of K/V.
-    q = (
-        cross.query(block.cross_norm(x)).view(users, beams, cross.num_heads, -1).transpose(1, 2)
-    )  # (B, H, w, Dh)
-    y = F.scaled_dot_product_attention(q, memory_kv[0], memory_kv[1], attn_mask=memory_mask)  # (B, H, w, Dh)
-    x = x + cross.out(y.transpose(1, 2).reshape(rows, 1, -1))
-    x = x + block.ffn(block.ffn_norm(x))
-    return x, (keys, values)
-
-
 class _TigerNetwork(nn.Module):
     """Encoder-decoder over SID tokens; works in code space ((..., n) codes, ``PAD_CODE`` = none)."""
 
@@ -382,7 +300,7 @@ class _TigerNetwork(nn.Module):
         Uses the last ``history_items`` items. Positions count from the newest slot, so leading
         columns that are padding in every row can be dropped beforehand without changing anything.
         ``packed`` (exact, default) runs the position-wise layers on real tokens only
-        (:func:`_packed_encoder_block`); padded positions of the memory are zero (and masked).
+        (:meth:`recbench.nn.TransformerBlock.forward_packed`); padded positions of the memory are zero (and masked).
         """
         codes = history_codes[:, -self.history_items :]  # (B, L', n)
         batch, length, n = codes.shape
@@ -413,7 +331,7 @@ class _TigerNetwork(nn.Module):
         index = valid.flatten().nonzero().squeeze(1)  # (M,) real positions of the (B * (1 + S)) grid
         h = x.flatten(0, 1)[index]  # (M, d)
         for block in self.encoder:
-            h = _packed_encoder_block(block, h, index, mask)
+            h = block.forward_packed(h, index, mask)
         h = self.encoder_norm(h)
         return h.new_zeros(valid.numel(), h.shape[-1]).index_copy(0, index, h).view(*valid.shape, -1), valid
 
@@ -443,9 +361,7 @@ class _TigerNetwork(nn.Module):
         for block in self.decoder:
             cross = block.cross_attention
             assert cross is not None
-            users, length, _ = memory.shape
-            k, v = cross.key_value(memory).view(users, length, 2, cross.num_heads, -1).permute(2, 0, 3, 1, 4)
-            memory_kv.append((k, v))  # (B, H, S, Dh) each
+            memory_kv.append(cross.memory_key_values(memory))  # (B, H, S, Dh) each
         empty = [(k[:, :, :0], v[:, :, :0]) for k, v in memory_kv]  # (B, H, 0, Dh): no past yet
         return _DecodeState(memory_kv, memory_valid[:, None, None, :], empty, beams=1)
 
@@ -465,7 +381,7 @@ class _TigerNetwork(nn.Module):
         x = x + self.decoder_position.weight[step]
         new_cache = []
         for block, past, memory_kv in zip(self.decoder, state.cache, state.memory_kv, strict=True):
-            x, kv = _cached_decoder_block(block, x, past, memory_kv, state.memory_mask, beams)
+            x, kv = block.decode_step(x, past, memory_kv, state.memory_mask, beams)
             new_cache.append(kv)
         state.cache = new_cache
         h = self.decoder_norm(x).view(users, beams, -1)  # (B, w, d)

@@ -3,6 +3,17 @@
 One pre-LN block with self-attention, optional cross-attention and a position-wise FFN, built on
 ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU and CPU). Masks are
 boolean with True = may attend, broadcastable to ``(B, heads, L_q, L_k)``.
+
+Three ways through the same parameters, one implementation each, used by every model:
+
+- :meth:`TransformerBlock.forward`: the padded grid ``(B, L, d)``;
+- :meth:`TransformerBlock.forward_packed`: encoder blocks on the ``M`` real tokens ``(M, d)`` of a
+  padded grid; projections and FFN (the bulk of the cost) never see padding, only the attention
+  product runs on the ``(B, S)`` grid, with zero queries/keys/values at padded slots;
+- :meth:`TransformerBlock.forward_with_memory` / :meth:`TransformerBlock.decode_step`: decoder
+  blocks whose cross-attention keys/values were projected once per user
+  (:meth:`MultiHeadAttention.memory_key_values`, real rows only when packed), for ``R`` rows per user
+  (teacher forcing, DiffGRM's views) or one new position of ``w`` beams with a KV cache.
 """
 
 from __future__ import annotations
@@ -24,6 +35,22 @@ def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(length, dtype=torch.bool, device=valid.device)
     return (causal & (valid.unsqueeze(1) | eye)).unsqueeze(1)  # (B, 1, L, L)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(R, T, H * Dh) -> (R, H, T, Dh)."""
+    rows, length, _ = x.shape
+    return x.view(rows, length, heads, -1).transpose(1, 2)
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """(R, H, T, Dh) -> (R, T, H * Dh)."""
+    return y.transpose(1, 2).flatten(2)
+
+
+def scatter_rows(rows: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tensor:
+    """Packed rows ``(M, C)`` at flat ``index`` ``(M,)`` of a grid of ``slots`` -> ``(slots, C)``, zero elsewhere."""
+    return rows.new_zeros(slots, rows.shape[-1]).index_copy(0, index, rows)
 
 
 class MultiHeadAttention(nn.Module):
@@ -58,6 +85,48 @@ class MultiHeadAttention(nn.Module):
         )  # (B, H, Lq, Dh)
         return self.out(y.transpose(1, 2).reshape(batch, length, heads * self.head_dim))
 
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
+
+    def packed_self_attention(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Self-attention of packed tokens ``x`` ``(M, d)`` at flat ``index`` ``(M,)`` of a ``(B, S)``
+        grid; ``mask`` ``(B, 1, 1 or S, S)``. Projections run on the M real tokens; padded slots are
+        zero (masked as keys, dropped as queries). Returns ``(M, d)``."""
+        batch, length = mask.shape[0], mask.shape[-1]
+        width = self.num_heads * self.head_dim
+        qkv = torch.cat([self.query(x), self.key_value(x)], dim=-1)  # (M, 3 H Dh): q | k | v
+        grid = scatter_rows(qkv, index, batch * length)  # (B * S, 3 H Dh)
+        q, k, v = grid.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self._dropout_p())
+        return self.out(y.transpose(1, 2).reshape(batch * length, width)[index])  # (M, d)
+
+    def memory_key_values(
+        self, memory: torch.Tensor, index: torch.Tensor | None = None, grid: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, H, S, Dh)`` of a memory, projected once per user.
+
+        ``memory`` is ``(B, S, d)``, or packed ``(M, d)`` with its flat ``index`` into a ``grid`` of
+        ``(B, S)`` slots; padded slots then get zero keys and values without being projected.
+        """
+        if index is None:
+            batch, length, _ = memory.shape
+            kv = self.key_value(memory)  # (B, S, 2 H Dh)
+        else:
+            if grid is None:
+                raise ValueError("packed memory needs its grid (B, S)")
+            batch, length = grid
+            kv = scatter_rows(self.key_value(memory), index, batch * length)  # (B * S, 2 H Dh)
+        k, v = kv.view(batch, length, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Queries from ``x`` ``(B, Q, d)`` against given keys/values ``(B, H, S, Dh)`` -> ``(B, Q, d)``."""
+        q = split_heads(self.query(x), self.num_heads)  # (B, H, Q, Dh)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=self._dropout_p())
+        return self.out(merge_heads(y))
+
 
 class TransformerBlock(nn.Module):
     """Pre-LN block: ``x + Attn(LN(x))`` [+ ``x + CrossAttn(LN(x), memory)``] + ``x + FFN(LN(x))``.
@@ -76,14 +145,14 @@ class TransformerBlock(nn.Module):
         norm_eps: float = 1e-5,
         cross_attention: bool = False,
         head_dim: int | None = None,
+        attention_bias: bool = True,
     ) -> None:
         super().__init__()
+        attention = dict(dropout=dropout, bias=attention_bias, head_dim=head_dim)
         self.self_norm = nn.LayerNorm(d_model, eps=norm_eps)
-        self.self_attention = MultiHeadAttention(d_model, num_heads, dropout, head_dim=head_dim)
+        self.self_attention = MultiHeadAttention(d_model, num_heads, **attention)
         self.cross_norm = nn.LayerNorm(d_model, eps=norm_eps) if cross_attention else None
-        self.cross_attention = (
-            MultiHeadAttention(d_model, num_heads, dropout, head_dim=head_dim) if cross_attention else None
-        )
+        self.cross_attention = MultiHeadAttention(d_model, num_heads, **attention) if cross_attention else None
         self.ffn_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, ffn_dim),
@@ -107,3 +176,64 @@ class TransformerBlock(nn.Module):
                 raise ValueError("this block has cross-attention and needs a memory")
             x = x + self.dropout(self.cross_attention(self.cross_norm(x), memory, memory_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def _cross(self) -> tuple[MultiHeadAttention, nn.LayerNorm]:
+        if self.cross_attention is None or self.cross_norm is None:
+            raise ValueError("this block has no cross-attention")
+        return self.cross_attention, self.cross_norm
+
+    def forward_packed(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` (self-attention only) on the real tokens ``x`` ``(M, d)`` at flat ``index``
+        of a ``(B, S)`` grid with key/attention ``mask`` ``(B, 1, 1 or S, S)``; same result as the padded
+        forward at the real positions up to float rounding (``tests/test_nn.py``)."""
+        x = x + self.dropout(self.self_attention.packed_self_attention(self.self_norm(x), index, mask))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def forward_with_memory(
+        self,
+        x: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_mask: torch.Tensor | None = None,
+        self_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder block over ``R`` rows per user: ``x`` ``(B, R, T, d)``, cross-attention keys/values
+        ``(B, H, S, Dh)`` projected once per user, ``memory_mask`` ``(B, 1, 1, S)``.
+
+        Self-attention runs per row over its ``T`` positions (``self_mask`` ``(T, T)``); cross-attention
+        runs per user with the ``R T`` queries of its rows (queries do not interact, so this equals
+        attending row by row, without copying keys/values per row)."""
+        cross, cross_norm = self._cross()
+        batch, rows, length, width = x.shape
+        h = self.self_norm(x).reshape(batch * rows, length, width)
+        x = x + self.dropout(self.self_attention(h, h, self_mask)).view(batch, rows, length, width)
+        h = cross_norm(x).reshape(batch, rows * length, width)
+        x = x + self.dropout(cross.attend(h, *memory_kv, memory_mask)).view(batch, rows, length, width)
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def decode_step(
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor],
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_mask: torch.Tensor | None,
+        beams: int,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One new causal decoder position with a KV cache (eval: no dropout).
+
+        ``x`` ``(B * w, 1, d)``, rows user-major; ``past`` self-attention (keys, values)
+        ``(B * w, H, t, Dh)``; ``memory_kv`` ``(B, H, S, Dh)``. Returns the output ``(B * w, 1, d)``
+        and the extended cache; equal to the last position of :meth:`forward` with a causal mask.
+        """
+        attention, (cross, cross_norm) = self.self_attention, self._cross()
+        rows = x.shape[0]
+        h = self.self_norm(x)
+        q = split_heads(attention.query(h), attention.num_heads)  # (R, H, 1, Dh)
+        k_new, v_new = attention.key_value(h).view(rows, 1, 2, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+        keys, values = torch.cat([past[0], k_new], dim=2), torch.cat([past[1], v_new], dim=2)  # (R, H, t + 1, Dh)
+        # Every cached position precedes the new one: the causal mask is all True here.
+        x = x + attention.out(merge_heads(F.scaled_dot_product_attention(q, keys, values)))
+        users = rows // beams
+        # The w beams of a user are w queries against that user's memory: no per-beam copy of K/V.
+        x = x + cross.attend(cross_norm(x).view(users, beams, -1), *memory_kv, memory_mask).view(rows, 1, -1)
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, (keys, values)

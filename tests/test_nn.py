@@ -1,0 +1,57 @@
+"""The shared transformer block: its packed, memory and cached paths equal the padded forward."""
+
+from __future__ import annotations
+
+import torch
+
+from recbench.nn import TransformerBlock
+
+
+def _left_padded(batch: int, length: int, width: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    valid = torch.arange(length).unsqueeze(0) >= (length - lengths).unsqueeze(1)  # (B, L)
+    x = torch.randn(batch, length, width, generator=generator) * valid.unsqueeze(-1)
+    return x, valid
+
+
+def test_packed_forward_equals_the_padded_forward_at_real_positions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    block = TransformerBlock(16, 2, 32, dropout=0.0).eval()
+    x, valid = _left_padded(5, 7, 16, generator)
+    mask = valid[:, None, None, :]
+    padded = block(x, mask)[valid]  # (M, d)
+    index = valid.flatten().nonzero().squeeze(1)
+    packed = block.forward_packed(x.flatten(0, 1)[index], index, mask)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    # a change at a padded slot changes nothing
+    x[~valid] = 7.0
+    assert torch.allclose(block.forward_packed(x.flatten(0, 1)[index], index, mask), packed)
+
+
+def test_memory_and_cached_paths_equal_the_full_decoder_forward() -> None:
+    generator = torch.Generator().manual_seed(1)
+    block = TransformerBlock(16, 4, 32, dropout=0.0, cross_attention=True).eval()
+    memory, valid = _left_padded(3, 6, 16, generator)
+    memory_mask = valid[:, None, None, :]
+    rows, length = 2, 4
+    x = torch.randn(3, rows, length, 16, generator=generator)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    expected = torch.stack(
+        [block(x[:, r], causal, memory, memory_mask) for r in range(rows)], dim=1
+    )  # (B, R, T, d)
+    index = valid.flatten().nonzero().squeeze(1)
+    assert block.cross_attention is not None
+    packed_kv = block.cross_attention.memory_key_values(memory.flatten(0, 1)[index], index, (3, 6))
+    torch.testing.assert_close(block.forward_with_memory(x, packed_kv, memory_mask, causal), expected, atol=1e-5, rtol=1e-5)
+    # one position at a time with the cache, rows as beams
+    kv = block.cross_attention.memory_key_values(memory)
+    heads = block.self_attention.num_heads
+    past = (torch.zeros(3 * rows, heads, 0, 4), torch.zeros(3 * rows, heads, 0, 4))
+    for t in range(length):
+        out, past = block.decode_step(x[:, :, t].reshape(3 * rows, 1, 16), past, kv, memory_mask, beams=rows)
+        torch.testing.assert_close(out.view(3, rows, 16), expected[:, :, t], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_without_bias_has_no_bias_parameters() -> None:
+    block = TransformerBlock(8, 2, 16, cross_attention=True, attention_bias=False)
+    assert block.self_attention.query.bias is None and block.self_attention.key_value.bias is None
