@@ -132,7 +132,9 @@ class TransformerBlock(nn.Module):
     """Pre-LN block: ``x + Attn(LN(x))`` [+ ``x + CrossAttn(LN(x), memory)``] + ``x + FFN(LN(x))``.
 
     ``head_dim`` (default ``d_model // num_heads``) is passed to both attentions; see
-    :class:`MultiHeadAttention`.
+    :class:`MultiHeadAttention`. ``ffn_dropout=False`` drops the dropout between the two FFN
+    linears (GPT-2-style MLP, DiffGRM's reference); the slot stays (an ``Identity``) so parameter
+    names do not depend on it.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class TransformerBlock(nn.Module):
         cross_attention: bool = False,
         head_dim: int | None = None,
         attention_bias: bool = True,
+        ffn_dropout: bool = True,
     ) -> None:
         super().__init__()
         attention = dict(dropout=dropout, bias=attention_bias, head_dim=head_dim)
@@ -157,7 +160,7 @@ class TransformerBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(d_model, ffn_dim),
             nn.ReLU() if activation == "relu" else nn.GELU(),
-            nn.Dropout(dropout),
+            nn.Dropout(dropout) if ffn_dropout else nn.Identity(),
             nn.Linear(ffn_dim, d_model),
         )
         self.dropout = nn.Dropout(dropout)

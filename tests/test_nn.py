@@ -55,3 +55,12 @@ def test_memory_and_cached_paths_equal_the_full_decoder_forward() -> None:
 def test_attention_without_bias_has_no_bias_parameters() -> None:
     block = TransformerBlock(8, 2, 16, cross_attention=True, attention_bias=False)
     assert block.self_attention.query.bias is None and block.self_attention.key_value.bias is None
+
+
+def test_ffn_dropout_option_keeps_parameter_names() -> None:
+    default = TransformerBlock(8, 2, 16, dropout=0.5)
+    without = TransformerBlock(8, 2, 16, dropout=0.5, ffn_dropout=False).train()
+    assert [n for n, _ in default.named_parameters()] == [n for n, _ in without.named_parameters()]
+    assert isinstance(without.ffn[2], torch.nn.Identity) and isinstance(default.ffn[2], torch.nn.Dropout)
+    x = torch.randn(3, 8)
+    assert torch.equal(without.ffn(x), without.ffn(x)), "no dropout inside the FFN, even in train mode"
