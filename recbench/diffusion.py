@@ -803,8 +803,9 @@ def confidence_order(confidence: Tensor, select: Literal["least", "most"] = "lea
 
 def random_order(batch: int, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
     """(B, n) one uniformly random permutation of ``0..n-1`` per row (drawn on the generator's
-    device, then moved to ``device``)."""
-    where = generator.device if generator is not None else "cpu"
+    device, then moved to ``device``; without a generator, drawn on ``device``: a host-to-device
+    copy would synchronise a GPU step)."""
+    where = generator.device if generator is not None else device
     noise = torch.rand(batch, n, generator=generator, device=where)
     return noise.argsort(dim=-1).to(device)
 
@@ -848,11 +849,11 @@ def random_mask_views(
     loss). DiffGRM's ``random`` ablation.
 
     Returns:
-        (B, V, n) bool, True = masked.
+        (B, V, n) bool, True = masked (drawn on the generator's device, else on ``device``).
     """
     if not 0.0 <= mask_prob <= 1.0:
         raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
-    where = generator.device if generator is not None else "cpu"
+    where = generator.device if generator is not None else device
     mask = torch.rand(batch, num_views, n, generator=generator, device=where) < mask_prob
     forced = torch.randint(0, n, (batch, num_views), generator=generator, device=where)
     empty = ~mask.any(dim=-1)  # (B, V)
@@ -879,8 +880,15 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor, label_sm
 
     Returns:
         Scalar float32 (0 when nothing is masked).
+
+    A weighted mean over all positions, not ``logits[mask]``: boolean indexing has a data-dependent
+    size, which costs a host synchronisation on a GPU. Unmasked positions get weight 0 (their
+    targets are clamped into range so any placeholder is allowed there).
     """
-    chosen = logits[mask].float()  # (M, K): only masked positions reach the softmax
-    if chosen.shape[0] == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(chosen, targets[mask], label_smoothing=label_smoothing, reduction="mean")
+    k = logits.shape[-1]
+    per_position = F.cross_entropy(
+        logits.reshape(-1, k).float(), targets.reshape(-1).clamp(0, k - 1),
+        label_smoothing=label_smoothing, reduction="none",
+    )  # (P,)
+    weight = mask.reshape(-1).to(per_position.dtype)
+    return (per_position * weight).sum() / weight.sum().clamp(min=1.0)
