@@ -9,8 +9,9 @@ never owns a network: it receives a callable and only calls it. This module has 
 * **Masked discrete diffusion** (DiffGRM): a target of ``n`` discrete positions
   (semantic-ID digits) is noised by masking positions; helpers build the masked *views* a
   denoiser trains on (nested views from a confidence or random order, Bernoulli views), score
-  positions by confidence, and compute the masked-position loss. The DiffGRM network and its
-  confidence-guided beam live in ``baselines/diffgrm.py``.
+  positions by confidence, compute the masked-position loss, and decode with the
+  confidence-guided parallel denoising (CPD) beam. The DiffGRM network lives in
+  ``baselines/diffgrm.py``.
 
 Conventions
 -----------
@@ -80,6 +81,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -892,3 +894,131 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor, label_sm
     )  # (P,)
     weight = mask.reshape(-1).to(per_position.dtype)
     return (per_position * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Confidence-guided parallel denoising (CPD) beam: DiffGRM's sampler
+# --------------------------------------------------------------------------------------------
+# A sampler over ``n`` parallel masked digits: it receives ``log_probs_fn`` (the network) and only
+# calls it, batched over users x beams; no host reads, so a GPU decoding step never synchronises.
+
+DecodeOrder = Literal["confidence", "fixed"]
+
+#: ``log_probs_fn(codes (B, R, n) with MASKED where unfilled) -> (B, R, n, K) float32 log-probs``.
+LogProbsFn = Callable[[Tensor], Tensor]
+
+
+def _partial_state_keys(codes: Tensor, codebook_size: int) -> Tensor:
+    """(..., n) partial codes (MASKED where unfilled) -> (...,) int64: one key per (filled set, codes)
+    state, radix K + 1 with 0 = masked."""
+    n = codes.shape[-1]
+    place = (codebook_size + 1) ** torch.arange(n - 1, -1, -1, device=codes.device, dtype=torch.long)
+    return ((codes + 1) * place).sum(-1)
+
+
+def _first_occurrence(keys: Tensor) -> Tensor:
+    """(B, M) keys -> (B, M) bool, True at the first occurrence of each key in its row."""
+    sorted_keys, order = torch.sort(keys, dim=1, stable=True)
+    first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    first[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    return torch.zeros_like(first).scatter_(1, order, first)
+
+
+@dataclass(frozen=True)
+class BeamResult:
+    """Finished beams, best first per user.
+
+    codes: (B, W, n) LongTensor: complete SIDs.
+    scores: (B, W) float32: sum of log-probabilities along each beam's fill path, non-increasing
+        along W; ``-inf`` marks an empty slot (merged duplicates, or fewer candidates than W), whose
+        codes are all ``MASKED``.
+    """
+
+    codes: Tensor
+    scores: Tensor
+
+
+def cpd_beam_search(
+    log_probs_fn: LogProbsFn,
+    batch_size: int,
+    n_digits: int,
+    codebook_size: int,
+    beam: int,
+    decode_order: DecodeOrder = "confidence",
+    fixed_order: Sequence[int] | None = None,
+    merge_duplicate_beams: bool = False,
+    device: torch.device | str = "cpu",
+) -> BeamResult:
+    """Confidence-guided parallel denoising (CPD) beam, batched over users x beams: the only Python
+    loop is over the ``n - 1`` filling steps; per step the network is called once on every (user,
+    beam) state and the next beams are one ``topk`` per user over (beam, digit, code) candidates.
+
+    Args:
+        log_probs_fn: codes (B, R, n) with ``MASKED`` where unfilled -> (B, R, n, K) log-probs.
+        batch_size, n_digits, codebook_size, beam: B users, n >= 2 digits, K codes, beams kept.
+        decode_order: ``confidence`` (the paper): each step fills whichever unfilled (digit, code)
+            pair is most confident; ``fixed`` (ablation): step t fills digit ``fixed_order[t]``
+            (a permutation, identity by default); the last digit is argmax-filled either way.
+        merge_duplicate_beams: merge beams that reach the same partial SID through different fill
+            orders, keeping the best score (frees slots, so results may change). Exact: at step s a
+            state has at most s + 1 parents, so the top ``beam`` distinct states are among the top
+            ``beam·(s + 1)`` candidates.
+
+    Returns:
+        :class:`BeamResult` with W = min(beam, number of reachable candidates) slots.
+    """
+    n, k = n_digits, codebook_size
+    if n < 2:
+        raise ValueError(f"the CPD beam needs n_digits >= 2, got {n}")
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    if decode_order == "fixed":
+        order = list(range(n)) if fixed_order is None else [int(d) for d in fixed_order]
+        if sorted(order) != list(range(n)):
+            raise ValueError(f"fixed_order must be a permutation of 0..{n - 1}, got {fixed_order}")
+    elif decode_order != "confidence":
+        raise ValueError(f"decode_order must be 'confidence' or 'fixed', got {decode_order!r}")
+    if merge_duplicate_beams and (k + 1) ** n >= 2**62:
+        raise ValueError(f"merge_duplicate_beams: partial states of {n} digits x {k} codes overflow an int64 key")
+    neg_inf = float("-inf")
+    codes = torch.full((batch_size, 1, n), MASKED, dtype=torch.long, device=device)  # (B, W, n)
+    scores = torch.zeros(batch_size, 1, device=device)  # (B, W)
+    digit_ids = torch.arange(n, device=device)
+    for step in range(n - 1):  # loop over digits filled, never over users or beams
+        log_p = log_probs_fn(codes).float()  # (B, W, n, K)
+        width_in = codes.shape[1]
+        if decode_order == "confidence":
+            allowed = codes == MASKED  # (B, W, n): unfilled digits
+            open_digits = n - step
+        else:
+            allowed = (digit_ids == order[step]).expand_as(codes)
+            open_digits = 1
+        candidates = (scores[..., None, None] + log_p.masked_fill(~allowed.unsqueeze(-1), neg_inf)).flatten(1)
+        allowed_count = width_in * open_digits * k  # candidates that fill an unfilled digit
+        width = min(beam, allowed_count)
+        pool = min(width * (step + 1), allowed_count) if merge_duplicate_beams and step > 0 else width
+        top_scores, top_index = candidates.topk(pool, dim=1)  # (B, P), sorted descending
+        parent = top_index // (n * k)
+        digit = (top_index // k) % n
+        code = top_index % k
+        new_codes = codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, n)).clone()  # (B, P, n)
+        new_codes.scatter_(2, digit.unsqueeze(-1), code.unsqueeze(-1))
+        if merge_duplicate_beams and step > 0:
+            # Merge duplicate partial states: keep the first (= best-scored) occurrence.
+            keep = _first_occurrence(_partial_state_keys(new_codes, k))
+            top_scores = top_scores.masked_fill(~keep, neg_inf)
+            top_scores, chosen = top_scores.topk(width, dim=1)
+            new_codes = new_codes.gather(1, chosen.unsqueeze(-1).expand(-1, -1, n))
+        codes, scores = new_codes, top_scores
+    # Final step: each beam has exactly one unfilled digit; fill it with its argmax code.
+    log_p = log_probs_fn(codes).float()  # (B, W, n, K)
+    remaining = codes == MASKED  # (B, W, n), one True per row
+    best, index = log_p.masked_fill(~remaining.unsqueeze(-1), neg_inf).flatten(2).max(dim=-1)  # (B, W)
+    codes = codes.clone()
+    codes.scatter_(2, (index // k).unsqueeze(-1), (index % k).unsqueeze(-1))
+    scores = scores + best
+    scores, rank = torch.sort(scores, dim=1, descending=True, stable=True)
+    codes = codes.gather(1, rank.unsqueeze(-1).expand(-1, -1, n))
+    # Empty slots (a -inf score: merged duplicates, or a dead parent) may hold partial states: blank them.
+    codes = codes.masked_fill(~torch.isfinite(scores).unsqueeze(-1), MASKED)
+    return BeamResult(codes, scores)

@@ -917,3 +917,34 @@ def cached_semantic_ids(
     meta = {"key": key, "scheme": sids.scheme, "params": json.loads(params), "stats": asdict(sids.stats())}
     atomic_save_tensors(path, sids.state_dict(include_derived=False), meta)
     return sids
+
+
+# --------------------------------------------------------------------------------------------
+# decoded codes -> items (generative decoders; batched, no host reads)
+# --------------------------------------------------------------------------------------------
+
+
+def ranked_codes_to_items(
+    sids: SemanticIDs, codes: Tensor, alive: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decoded IDs ranked best first -> the top-``k`` items (item-level ranking).
+
+    Keys are packed (digit 0 most significant); keys of no item are dropped; a repeated key keeps
+    its best-ranked occurrence; each key expands to all its items in ascending item id
+    (:meth:`SemanticIDs.expand_to_items`).
+
+    Args:
+        sids: the item IDs.
+        codes: (B, W, n) decoded IDs, best first per row.
+        alive: (B, W) bool, False at empty slots (not decoded candidates).
+        k: list length.
+
+    Returns:
+        items (B, k) LongTensor (0 where fewer), invalid count and candidate count (scalar int64
+        tensors: alive IDs that map to no item, and all alive IDs), for ``decode_stats``.
+    """
+    keys = sids.pack(codes)  # (B, W)
+    valid = sids.items_for_keys(keys).valid
+    invalid = (alive & ~valid).sum()
+    return sids.expand_to_items(keys, alive, k), invalid, alive.sum()
+

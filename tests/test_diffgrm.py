@@ -6,6 +6,7 @@ runs; the learning test fits real PSE codes on collaborative embeddings.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -14,13 +15,15 @@ import pytest
 import torch
 from conftest import fit_and_test, quiet_trainer
 
-from baselines.diffgrm import BeamResult, DiffGRM, beams_to_items, cpd_beam_search
+from baselines.diffgrm import DiffGRM
 from benchmark.registry import instantiate_model
 from datamodules.synthetic import SyntheticDataModule
 from recbench.diffusion import (
     MASKED,
+    BeamResult,
     apply_mask,
     confidence_order,
+    cpd_beam_search,
     masked_cross_entropy,
     nested_mask_views,
     position_confidence,
@@ -28,7 +31,7 @@ from recbench.diffusion import (
     random_order,
 )
 from recbench.metrics import RankingMetrics
-from recbench.semantic_ids import SemanticIDs
+from recbench.semantic_ids import SemanticIDs, ranked_codes_to_items
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,6 +49,11 @@ def _tiny_model(num_items: int, n_digits: int = 3, codebook_size: int = 4, max_l
     options = dict(hidden_size=16, encoder_layers=1, decoder_layers=1, num_heads=2, inner_size=32, dropout=0.0)
     options.update(kwargs)
     return DiffGRM(num_items, max_len=max_len, n_digits=n_digits, codebook_size=codebook_size, **options)
+
+
+def beams_to_items(sids: SemanticIDs, beams: BeamResult, k: int) -> tuple[torch.Tensor, ...]:
+    """What ``DiffGRM.recommend`` does with finished beams (empty slots have a -inf score)."""
+    return ranked_codes_to_items(sids, beams.codes, torch.isfinite(beams.scores), k)
 
 
 def _hand_made_sids(n_digits: int = 3, codebook_size: int = 4, num_items: int = 30, seed: int = 0) -> SemanticIDs:
@@ -261,6 +269,79 @@ def test_beam_on_a_tiny_model_returns_valid_distinct_ordered_items(anchor: str) 
     short = history[[0, 2]]
     assert torch.equal(model.recommend(short[:, -3:], 10, beam=96), ranked[[0, 2]])
     assert torch.equal(model.recommend(history[2:], 10, beam=96), ranked[2:])
+
+
+# ------------------------------------------------------------------------------------------------
+# hot paths: packed (CPU) and padded (GPU) encoders agree; no host synchronisation
+# ------------------------------------------------------------------------------------------------
+
+_HISTORY = torch.tensor(
+    [[0, 0, 0, 0, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 0, 0, 0, 12], [0] * 8]
+)
+
+
+@pytest.mark.parametrize("anchor", ["oldest", "newest"])
+def test_packed_and_padded_encoders_give_the_same_decoder_output(anchor: str) -> None:
+    torch.manual_seed(0)
+    model = _tiny_model(30, position_anchor=anchor, encoder_layers=2, decoder_layers=2).eval()
+    model.set_semantic_ids(_hand_made_sids(3, 4, num_items=30))
+    codes = torch.tensor([[[MASKED, MASKED, MASKED], [1, MASKED, 3]]]).expand(4, -1, -1)  # (B, 2, n)
+    with torch.no_grad():
+        packed = model.decoder_logits(model.encode(_HISTORY, packed=True), codes)
+        padded = model.decoder_logits(model.encode(_HISTORY, packed=False), codes)
+    # Row 3 has no item (not produced by the pipeline): both paths give it the same empty memory.
+    torch.testing.assert_close(padded, packed, atol=1e-5, rtol=1e-5)
+
+
+def _sids_on_meta(sids: SemanticIDs) -> SemanticIDs:
+    """The lookup tensors of ``sids`` on the meta device (its constructor reads codes on the host)."""
+    meta = copy.copy(sids)
+    for name, value in vars(sids).items():
+        if isinstance(value, torch.Tensor):
+            setattr(meta, name, value.to("meta"))
+    return meta
+
+
+def test_training_step_and_decoding_have_no_host_sync() -> None:
+    """``loss`` (+ backward) and ``recommend`` on the meta device, where any data-dependent read
+    (``item``/``bool``/``tolist``, ``nonzero``, boolean-mask indexing) raises: the non-CPU path reads
+    nothing back to the host, so on a GPU it never synchronises inside a step. (The CPU path packs
+    the history with ``nonzero`` on purpose; see docs/models/diffgrm.md.)"""
+    for masking in ("guided", "sequential", "random"):
+        model = _tiny_model(30, masking=masking, dropout=0.1)
+        sids = _hand_made_sids(3, 4, num_items=30)
+        model.set_semantic_ids(sids)
+        model = model.to("meta").train()
+        model._sids = _sids_on_meta(sids)
+        batch = {"history": _HISTORY[:3].to("meta"), "target": torch.tensor([4, 12, 13], device="meta")}
+        with pytest.raises((RuntimeError, NotImplementedError)):  # the guard works: the packed path reads
+            model.encode(batch["history"], packed=True)
+        loss = model.loss(batch)
+        loss.backward()
+        assert loss.device.type == "meta" and model.item_mlp[0].weight.grad is not None
+    model.eval()
+    ranked = model.recommend(_HISTORY.to("meta"), 10, beam=8)
+    assert ranked.shape == (4, 10) and ranked.device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_and_decoding_have_no_host_sync_on_cuda() -> None:
+    torch.manual_seed(0)
+    model = _tiny_model(30, dropout=0.1)
+    model.set_semantic_ids(_hand_made_sids(3, 4, num_items=30))
+    model = model.cuda().train()
+    history = _HISTORY.cuda()
+    batch = {"history": history[:3], "target": torch.tensor([4, 12, 13], device="cuda")}
+    model.loss(batch).backward()  # warm-up: lazy CUDA/cuBLAS initialisation may synchronise
+    model.eval().recommend(history, 10, beam=8)
+    model.train()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.loss(batch).backward()
+        model.eval().recommend(history, 10, beam=8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ------------------------------------------------------------------------------------------------
