@@ -1,16 +1,19 @@
 """Semantic-ID tokenizers and the vectorised lookups that generative decoders need.
 
 An item's semantic ID (SID) is a tuple of ``n_digits`` small integers ("codes"); digit ``d`` takes
-values ``0 .. codebook_sizes[d] - 1``. Three tokenizers build them from an item-embedding table
+values ``0 .. codebook_sizes[d] - 1``. Two tokenizers build them from an item-embedding table
 (``recbench.text``), each fitted on **training items only** (items that appear in training
 sequences) and then applied to all items 1..N:
 
 * :func:`fit_residual_kmeans` - TIGER-style residual k-means (3 x 256), plus an optional
   collision digit that makes every ID unique (TIGER, arXiv 2305.05065);
-* :func:`fit_rqvae` - the original TIGER RQ-VAE (small MLP autoencoder + residual codebooks);
 * :func:`fit_parallel_pq` - DiffGRM's parallel semantic encoding: PCA + whitening, L2, OPQ, PQ
   into independent sub-spaces (DiffGRM). Collisions are not resolved by default; they are
   expanded into all colliding items at decode time (:meth:`SemanticIDs.expand_to_items`).
+
+TIGER's original RQ-VAE tokenizer was removed (issue 13): no config used it, no row showed it, and
+residual k-means gives the same kind of ID (one unique ID per item with the collision digit) at a
+fraction of the cost; ``git show bb43126:recbench/semantic_ids.py`` has the last version.
 
 :class:`SemanticIDs` holds the codes and precomputed lookup tables as plain tensors (a model
 registers them as buffers, so they follow it to the GPU and into checkpoints), and provides the
@@ -44,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from recbench.text import atomic_save_tensors, load_tensors, tensor_sha256
 
@@ -598,130 +601,6 @@ def fit_residual_kmeans(
 
 
 # --------------------------------------------------------------------------------------------
-# RQ-VAE (TIGER original)
-# --------------------------------------------------------------------------------------------
-
-
-def _mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def _torch_kmeans(x: Tensor, k: int, niter: int, generator: torch.Generator) -> Tensor:
-    """Plain Lloyd k-means (random distinct initial points); empty clusters keep their centre."""
-    centres = x[torch.randperm(x.shape[0], generator=generator)[:k]].clone()  # (k, d)
-    for _ in range(niter):
-        assign = _nearest(x, centres)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-    return centres
-
-
-class _RQVAE(nn.Module):
-    """MLP autoencoder with residual vector quantisation of the latent (private to fit_rqvae)."""
-
-    def __init__(
-        self, dim: int, hidden: tuple[int, ...], latent: int, levels: int, codebook_size: int
-    ) -> None:
-        super().__init__()
-        self.encoder = _mlp([dim, *hidden, latent])
-        self.decoder = _mlp([latent, *reversed(hidden), dim])
-        self.codebooks = nn.Parameter(torch.zeros(levels, codebook_size, latent))  # (L, K, latent)
-
-    def quantise(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z (B, latent) -> codes (B, L), quantised latent (B, latent), codebook+commitment terms."""
-        residual, quantised = z, torch.zeros_like(z)
-        codes, vq_terms = [], []
-        for level in range(self.codebooks.shape[0]):
-            book = self.codebooks[level]  # (K, latent)
-            code = _nearest(residual.detach(), book.detach())
-            e = book[code]  # (B, latent)
-            # codebook term pulls e to the residual, commitment term (x beta later) the reverse
-            vq_terms.append(
-                torch.stack(
-                    [
-                        ((residual.detach() - e) ** 2).sum(1).mean(),
-                        ((residual - e.detach()) ** 2).sum(1).mean(),
-                    ]
-                )
-            )
-            quantised = quantised + e
-            residual = residual - e
-            codes.append(code)
-        return torch.stack(codes, 1), quantised, torch.stack(vq_terms).sum(0)
-
-
-def fit_rqvae(
-    embeddings: Tensor,
-    train_item_mask: Tensor,
-    levels: int = 3,
-    codebook_size: int = 256,
-    latent_dim: int = 32,
-    hidden: tuple[int, ...] = (512, 256, 128),
-    steps: int = 3000,
-    batch_size: int = 1024,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    beta: float = 0.25,
-    collision_digit: bool = True,
-    seed: int = 0,
-) -> SemanticIDs:
-    """TIGER's RQ-VAE tokenizer, compact, on the CPU.
-
-    Encoder MLP D -> 512 -> 256 -> 128 -> 32 (ReLU), mirrored decoder, ``levels`` residual
-    codebooks of ``codebook_size`` x 32, initialised by k-means on the first batch's residuals.
-    Loss = ||x - dec(z_q)||^2 + sum_l ||sg[r_l] - e_l||^2 + beta ||r_l - sg[e_l]||^2 with the
-    straight-through estimator. AdamW (lr 1e-3, wd 1e-4, as the EB re-implementation) rather
-    than the paper's Adagrad 0.4; ``steps`` minibatches of ``batch_size`` training items drawn
-    with replacement. Fitted on training items, then all items are encoded; optional collision
-    digit as in :func:`fit_residual_kmeans`.
-
-    Deterministic on the CPU: the weights, the batches and the k-means init come from ``seed``
-    (inside ``torch.random.fork_rng``, so the caller's global RNG state is left untouched).
-    """
-    start = time.perf_counter()
-    x, train_idx = _check_inputs(embeddings, train_item_mask)
-    _check_train_count(train_idx.numel(), codebook_size, "RQ-VAE")
-    x = x.to(torch.float32)
-    x_train = x[train_idx]  # (T, D)
-    batch_size = min(batch_size, x_train.shape[0])
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # module initialisation draws from the global RNG
-        model = _RQVAE(x.shape[1], tuple(hidden), latent_dim, levels, codebook_size)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    for step in range(steps):
-        batch = x_train[torch.randint(x_train.shape[0], (batch_size,), generator=generator)]  # (B, D)
-        z = model.encoder(batch)
-        if step == 0:  # k-means init of each level's codebook on the first batch
-            with torch.no_grad():
-                residual = z.detach().double()
-                for level in range(levels):
-                    centres = _torch_kmeans(residual, codebook_size, 10, generator)
-                    model.codebooks[level] = centres.float()
-                    residual = residual - centres[_nearest(residual, centres)]
-        _, quantised, (codebook_loss, commitment) = model.quantise(z)
-        z_st = z + (quantised - z).detach()  # straight-through: decoder grads flow to the encoder
-        recon = ((model.decoder(z_st) - batch) ** 2).sum(1).mean()
-        loss = recon + codebook_loss + beta * commitment
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        base, _, _ = model.quantise(model.encoder(x))
-    scheme = (
-        f"rqvae:levels={levels},k={codebook_size},latent={latent_dim},steps={steps},batch={batch_size},"
-        f"lr={lr},beta={beta},seed={seed},collision_digit={collision_digit}"
-    )
-    return _finish(base, (codebook_size,) * levels, collision_digit, codebook_size, scheme, start)
-
-
-# --------------------------------------------------------------------------------------------
 # parallel PQ (DiffGRM PSE)
 # --------------------------------------------------------------------------------------------
 
@@ -850,26 +729,6 @@ class ResidualKMeansConfig:
 
 
 @dataclass(frozen=True)
-class RQVAEConfig:
-    """Parameters of :func:`fit_rqvae`."""
-
-    levels: int = 3
-    codebook_size: int = 256
-    latent_dim: int = 32
-    hidden: tuple[int, ...] = (512, 256, 128)
-    steps: int = 3000
-    batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    beta: float = 0.25
-    collision_digit: bool = True
-    seed: int = 0
-
-    def fit(self, embeddings: Tensor, train_item_mask: Tensor) -> SemanticIDs:
-        return fit_rqvae(embeddings, train_item_mask, **asdict(self))
-
-
-@dataclass(frozen=True)
 class ParallelPQConfig:
     """Parameters of :func:`fit_parallel_pq` (DiffGRM PSE, default 4 x 256, no collision digit)."""
 
@@ -885,7 +744,7 @@ class ParallelPQConfig:
         return fit_parallel_pq(embeddings, train_item_mask, **asdict(self))
 
 
-SemanticIDConfig = ResidualKMeansConfig | RQVAEConfig | ParallelPQConfig
+SemanticIDConfig = ResidualKMeansConfig | ParallelPQConfig
 
 
 def cached_semantic_ids(

@@ -21,7 +21,6 @@ from recbench.semantic_ids import (
     faiss_threads,
     fit_parallel_pq,
     fit_residual_kmeans,
-    fit_rqvae,
 )
 
 
@@ -81,20 +80,6 @@ def test_parallel_pq_is_deterministic() -> None:
     assert "pca=32(clamped from 256)" in a.scheme  # D=32 < 256 is said in the scheme
     plain = fit_parallel_pq(emb, mask, n_digits=4, codebook_size=16, pca_dim=16, use_opq=False)
     assert "pca=16," in plain.scheme and "opq=False" in plain.scheme
-
-
-def test_rqvae_is_deterministic_and_leaves_global_rng_alone() -> None:
-    emb, mask = random_embeddings(n=300, dim=16), train_mask(300)
-    state = torch.random.get_rng_state()
-    kwargs = dict(levels=2, codebook_size=8, steps=15, batch_size=128, collision_digit=False, seed=5)
-    a = fit_rqvae(emb, mask, **kwargs)
-    b = fit_rqvae(emb, mask, **kwargs)
-    assert torch.equal(a.codes, b.codes)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert a.codes.shape == (301, 2)
-
-
-# ---- IDs <-> items -----------------------------------------------------------------------
 
 
 def test_item_id_item_round_trip_with_collision_digit() -> None:
