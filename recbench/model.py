@@ -42,8 +42,14 @@ from recbench.metrics import DEFAULT_KS, DecodeStats, RankingMetrics, case_metri
 SELECTION_METRIC = "val/ndcg@10"
 
 
-def _float32_scores(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Evaluation scores in float32: switch off any autocast a bf16 training precision installed."""
+def float32_scores(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Evaluation scores in float32: switch off any autocast a bf16 training precision installed.
+
+    The ``meta`` device (shape-only tensors, used to prove that steps read nothing back from the
+    device) has no autocast, hence nothing to switch off.
+    """
+    if device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -132,7 +138,7 @@ class SeqRecModel(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation (shared, final)
     def ranked_items(self, history: torch.Tensor, k: int) -> torch.Tensor:
         """``recommend`` in float32, with its output checked: (B, k) item ids, best first."""
-        with _float32_scores(history.device):
+        with float32_scores(history.device):
             ranked = self.recommend(history, k)
         if ranked.shape != (history.shape[0], k) or ranked.dtype != torch.long:
             raise RuntimeError(
