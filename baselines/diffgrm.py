@@ -659,7 +659,7 @@ class DiffGRM(SemanticIDModel):
         return masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, self.label_smoothing)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = self.adamw()
         allowed = float(self.decay_steps) if self.decay_steps is not None else float(self.trainer.estimated_stepping_batches)
         self._schedule = sized_schedule("cosine", self.warmup_steps, allowed)  # recorded in run_notes
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, self._schedule)}

@@ -550,7 +550,7 @@ class TIGER(SemanticIDModel):
                 parameters, lr=self.lr, weight_decay=self.weight_decay
             )
         else:
-            optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+            optimizer = self.adamw(parameters)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
         schedule = sized_schedule(self.lr_schedule, self.warmup_steps, float(self.trainer.estimated_stepping_batches))

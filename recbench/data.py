@@ -955,6 +955,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             "dataset": self.name,
             "protocol": self.split,
             "fingerprint": self.fingerprint,
+            "batch_size": self.batch_size,
             "length_buckets": self.length_buckets,
             **asdict(counts),
         }

@@ -127,7 +127,16 @@ class SeqRecModel(pl.LightningModule):
         parameters = [p for p in self.parameters() if p.requires_grad]
         if not parameters:
             return None
-        return torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        return self.adamw(parameters)
+
+    def adamw(self, parameters: Sequence[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
+        """AdamW at the model's ``lr``/``weight_decay``; the fused kernel on CUDA (one launch for
+        every parameter instead of several per tensor; same update up to float rounding)."""
+        if parameters is None:
+            parameters = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            parameters, lr=self.lr, weight_decay=self.weight_decay, fused=self.device.type == "cuda"
+        )
 
     def on_train_epoch_start(self) -> None:
         self._clock["train"] = time.perf_counter()
