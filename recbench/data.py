@@ -841,6 +841,14 @@ class SeqRecDataModule(pl.LightningDataModule):
         mask[PAD_ID] = False
         return mask
 
+    def train_item_counts(self) -> torch.Tensor:
+        """LongTensor (N + 1,): occurrences of every item in the training prefixes (row 0 is 0);
+        the training popularity that orders items sharing a semantic ID."""
+        items, _ = self.train_sequences()
+        counts = torch.bincount(items, minlength=self.num_items + 1)
+        counts[PAD_ID] = 0
+        return counts
+
     def train_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training prefixes as a flat item array and offsets ``(U + 1,)`` (CSR layout)."""
         self.setup()

@@ -7,8 +7,9 @@ parallel PQ), not in what happens to them afterwards, so the afterwards lives he
    subclass's :meth:`SemanticIDModel.build_semantic_ids` (which reads the on-disk caches of
    :mod:`recbench.item_side`). Under DDP only rank 0 fits and broadcasts, so every rank decodes
    with the same IDs even where a fit is not bit-reproducible (ARPACK, threads);
-2. **store** the codes ``(N + 1, n)`` and the effective codes per digit ``(n,)`` as persistent
-   buffers (``sid_codes``, ``sid_codebook_sizes``), so a checkpoint decodes without the data or the
+2. **store** the codes ``(N + 1, n)``, the effective codes per digit ``(n,)`` and the order of
+   items that share an ID ``(N + 1,)`` as persistent buffers (``sid_codes``,
+   ``sid_codebook_sizes``, ``sid_item_rank``), so a checkpoint decodes without the data or the
    cache, and the provenance strings (embedding source, scheme, fallbacks) in the checkpoint;
 3. **reload**: a checkpoint's buffers win over a new fit (``setup`` fits only when the buffers are
    empty); the lookup tables (:class:`~recbench.semantic_ids.SemanticIDs`) are rebuilt lazily
@@ -68,6 +69,8 @@ class SemanticIDModel(SeqRecModel):
         self.n_digits, self.codebook_size, self.collision_digit = n_digits, codebook_size, collision_digit
         self.register_buffer("sid_codes", torch.full((num_items + 1, n_digits), PAD_CODE, dtype=torch.long))
         self.register_buffer("sid_codebook_sizes", torch.zeros(n_digits, dtype=torch.long))  # 0 = not set
+        # The order of items that share an ID (SemanticIDs.item_rank); item id order until set.
+        self.register_buffer("sid_item_rank", torch.arange(num_items + 1))
         self.item_side_info: dict[str, Any] = {}
         self._sids: SemanticIDs | None = None
         self._sizes: tuple[int, ...] | None = None  # host copy of sid_codebook_sizes; None = not read yet
@@ -120,6 +123,7 @@ class SemanticIDModel(SeqRecModel):
             self.sid_codes.copy_(sids.codes.to(self.sid_codes.device))
             self.sid_codes[PAD_ID] = PAD_CODE
             self.sid_codebook_sizes.copy_(torch.tensor(sids.codebook_sizes))
+            self.sid_item_rank.copy_(sids.item_rank.to(self.sid_item_rank.device))
         self.item_side_info = {"embedding_source": "given", **(info or {}), "scheme": sids.scheme}
         self._sids = sids.to(self.sid_codes.device)
         self._sizes = tuple(sids.codebook_sizes)
@@ -134,6 +138,7 @@ class SemanticIDModel(SeqRecModel):
                 self.active_codebook_sizes,
                 self.item_side_info.get("scheme", "from checkpoint buffers"),
                 collision_digit=self.collision_digit,
+                item_rank=self.sid_item_rank,
             )
         return self._sids
 
@@ -150,11 +155,13 @@ class SemanticIDModel(SeqRecModel):
                 )
             self.set_semantic_ids(*self.build_semantic_ids(datamodule))
         if distributed:
-            codes, sizes, info = trainer.strategy.broadcast(
-                (self.sid_codes.cpu(), self.active_codebook_sizes, dict(self.item_side_info)), src=0
+            codes, sizes, rank, info = trainer.strategy.broadcast(
+                (self.sid_codes.cpu(), self.active_codebook_sizes, self.sid_item_rank.cpu(), dict(self.item_side_info)),
+                src=0,
             )
             scheme = str(info.get("scheme", "broadcast from rank 0"))
-            self.set_semantic_ids(SemanticIDs(codes, tuple(sizes), scheme, collision_digit=self.collision_digit), info)
+            sids = SemanticIDs(codes, tuple(sizes), scheme, collision_digit=self.collision_digit, item_rank=rank)
+            self.set_semantic_ids(sids, info)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_CHECKPOINT_KEY] = dict(self.item_side_info)

@@ -140,6 +140,8 @@ class SemanticIDs:
         collision_digit: whether the last digit is a collision digit (then the IDs are unique and
             the stats measure collisions on the digits before it).
         fit_seconds: wall seconds of the fit.
+        item_rank: LongTensor (N+1,), the order in which items sharing an ID are expanded (lower
+            first, e.g. training popularity rank; see :meth:`ordered_by`); None = ascending item id.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class SemanticIDs:
         scheme: str,
         collision_digit: bool = False,
         fit_seconds: float = 0.0,
+        item_rank: Tensor | None = None,
     ) -> None:
         codebook_sizes = tuple(int(s) for s in codebook_sizes)
         if codes.ndim != 2 or codes.shape[1] != len(codebook_sizes) or codes.shape[0] < 2:
@@ -166,7 +169,24 @@ class SemanticIDs:
             raise ValueError(
                 f"item {item} has codes {codes[item].tolist()} outside codebook sizes {codebook_sizes}"
             )
-        self._set(codes, sizes_t, scheme, collision_digit, fit_seconds, derived=None)
+        if item_rank is None:
+            item_rank = torch.arange(codes.shape[0], device=codes.device)
+        elif item_rank.shape != (codes.shape[0],):
+            raise ValueError(f"item_rank must be ({codes.shape[0]},), got {tuple(item_rank.shape)}")
+        self._set(codes, sizes_t, scheme, collision_digit, fit_seconds, derived=None, item_rank=item_rank.to(codes))
+
+    def ordered_by(self, item_rank: Tensor, label: str) -> SemanticIDs:
+        """The same IDs with items sharing one ordered by ``item_rank`` (N+1,) (lower first) instead
+        of by item id: the collision digit (if any) is renumbered in that order, and the expansion
+        of a decoded ID to its items follows it. ``label`` names the order in the scheme."""
+        codes = self.codes.clone()
+        sizes = self.codebook_sizes
+        if self.collision_digit:
+            base = codes[1:, :-1].cpu()
+            codes[1:, -1] = _collision_ranks(base, sizes[:-1], sizes[-1], item_rank[1:].cpu()).to(codes.device)
+        return SemanticIDs(
+            codes, sizes, f"{self.scheme},item_order={label}", self.collision_digit, self.fit_seconds, item_rank
+        )
 
     # ---- construction helpers -------------------------------------------------------------
 
@@ -178,8 +198,10 @@ class SemanticIDs:
         collision_digit: bool,
         fit_seconds: float,
         derived: dict[str, Tensor] | None,
+        item_rank: Tensor,
     ) -> None:
         self.codes = codes  # (N+1, n)
+        self.item_rank = item_rank  # (N+1,)
         self.codebook_sizes: tuple[int, ...] = tuple(int(s) for s in sizes_t.tolist())
         self._sizes = sizes_t  # (n,) long, on the codes' device
         self.scheme = scheme
@@ -188,7 +210,7 @@ class SemanticIDs:
         if derived is None:
             derived = self._build_tables()
         self.item_keys: Tensor = derived["item_keys"]  # (N+1,), PAD -1
-        self.sorted_items: Tensor = derived["sorted_items"]  # (N,) items ordered by (key, item id)
+        self.sorted_items: Tensor = derived["sorted_items"]  # (N,) items ordered by (key, item_rank)
         self.unique_keys: Tensor = derived["unique_keys"]  # (U,) sorted
         self.group_start: Tensor = derived["group_start"]  # (U,) offset of the group in sorted_items
         self.group_size: Tensor = derived["group_size"]  # (U,) items per key
@@ -201,8 +223,11 @@ class SemanticIDs:
         codes = self.codes[1:]  # (N, n)
         n_items = codes.shape[0]
         keys = self.pack(codes)  # (N,)
-        # Stable sort: within a key, items stay in ascending id order (the expansion order).
-        sorted_keys, order = torch.sort(keys, stable=True)
+        # Items in rank order, then a stable sort by key: within a key, items stay in rank order
+        # (the expansion order).
+        by_rank = torch.sort(self.item_rank[1:], stable=True).indices  # (N,)
+        sorted_keys, within = torch.sort(keys[by_rank], stable=True)
+        order = by_rank[within]
         unique_keys, group_size = torch.unique_consecutive(sorted_keys, return_counts=True)
         group_start = torch.cumsum(group_size, 0) - group_size
         out = {
@@ -296,7 +321,8 @@ class SemanticIDs:
 
         Per row, in rank order: keys that are no real item's ID, or whose ``valid_mask`` is
         False, are dropped; repeated keys keep only their first (best-ranked) occurrence; each
-        remaining key expands to ALL its items in ascending item id order. The first ``k`` items
+        remaining key expands to ALL its items in ``item_rank`` order (ascending item id unless
+        :meth:`ordered_by` set another). The first ``k`` items
         of that list are returned, 0 (PAD) where there are fewer. Different keys have disjoint
         item sets, so the items are distinct.
 
@@ -363,6 +389,7 @@ class SemanticIDs:
             "collision_digit": torch.tensor(self.collision_digit),
             "fit_seconds": torch.tensor(self.fit_seconds, dtype=torch.float64),
             "scheme": torch.tensor(list(self.scheme.encode()), dtype=torch.uint8),
+            "item_rank": self.item_rank,
         }
         if include_derived:
             state |= {name: getattr(self, name) for name in _DERIVED}
@@ -393,6 +420,7 @@ class SemanticIDs:
             bool(state["collision_digit"]),
             float(state["fit_seconds"]),
             derived,
+            state["item_rank"] if "item_rank" in state else torch.arange(state["codes"].shape[0], device=state["codes"].device),
         )
         return obj
 
@@ -494,15 +522,20 @@ def _nearest(x: Tensor, centroids: Tensor, chunk: int = 16384) -> Tensor:
     return torch.cat(out)
 
 
-def _append_collision_digit(base: Tensor, codebook_sizes: tuple[int, ...], collision_size: int) -> Tensor:
-    """(N, L) codes -> (N, L+1): within each group of items sharing the L codes, number the items
-    0..c-1 in ascending item id order. Raises if a group has more than ``collision_size`` items."""
+def _collision_ranks(
+    base: Tensor, codebook_sizes: tuple[int, ...], collision_size: int, item_rank: Tensor | None = None
+) -> Tensor:
+    """(N, L) codes -> (N,): within each group of items sharing the L codes, number the items
+    0..c-1 in ``item_rank`` order (N,) (ascending item id when None). Raises if a group has more
+    than ``collision_size`` items."""
     radix = torch.tensor(codebook_sizes, dtype=torch.long)
     mult = torch.ones(len(codebook_sizes), dtype=torch.long)
     if len(codebook_sizes) > 1:
         mult[:-1] = torch.flip(torch.cumprod(torch.flip(radix[1:], (0,)), 0), (0,))
     keys = (base * mult).sum(1)  # (N,)
-    sorted_keys, order = torch.sort(keys, stable=True)  # ties keep ascending item order
+    by_rank = torch.arange(keys.numel()) if item_rank is None else torch.sort(item_rank, stable=True).indices
+    sorted_keys, within = torch.sort(keys[by_rank], stable=True)  # ties keep rank order
+    order = by_rank[within]
     new_group = torch.ones_like(sorted_keys, dtype=torch.bool)
     new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
     group_id = torch.cumsum(new_group.long(), 0) - 1
@@ -518,7 +551,12 @@ def _append_collision_digit(base: Tensor, codebook_sizes: tuple[int, ...], colli
             f"{members[:10].tolist()}{' ...' if members.numel() > 10 else ''}), more than the "
             f"collision digit's {collision_size} codes; raise codebook_size or use more levels"
         )
-    return torch.cat([base, rank.unsqueeze(1)], 1)
+    return rank
+
+
+def _append_collision_digit(base: Tensor, codebook_sizes: tuple[int, ...], collision_size: int) -> Tensor:
+    """(N, L) codes -> (N, L+1) with the collision digit in ascending item id order."""
+    return torch.cat([base, _collision_ranks(base, codebook_sizes, collision_size).unsqueeze(1)], 1)
 
 
 def _finish(
