@@ -50,10 +50,10 @@ from recbench.diffusion import (
 )
 from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
-from recbench.model import SeqRecModel
 from recbench.nn import TransformerBlock
 from recbench.schedules import WarmupSchedule, scheduler_config, sized_schedule
-from recbench.semantic_ids import PAD_CODE, ParallelPQConfig, SemanticIDs, ranked_codes_to_items
+from recbench.semantic_id_model import SemanticIDModel
+from recbench.semantic_ids import ParallelPQConfig, SemanticIDs, ranked_codes_to_items
 from recbench.text import DEFAULT_ENCODER
 
 log = logging.getLogger(__name__)
@@ -98,17 +98,10 @@ class _Memory:
         return _Memory(tuple((k.detach(), v.detach()) for k, v in self.kv), self.mask)
 
 
-def _reset_sids_after_load(module: nn.Module, incompatible_keys: object) -> None:
-    # load_state_dict copies new codes into the buffer in place: the derived lookup tables are stale,
-    # and the Python copy of the codebook size is re-read (once per load, never inside a step).
-    module._sids = None  # type: ignore[assignment]
-    module._codebook_size_active = int(module.sid_codebook_size)  # type: ignore[assignment]
-
-
 # ----- the system ----------------------------------------------------------------------------------
 
 
-class DiffGRM(SeqRecModel):
+class DiffGRM(SemanticIDModel):
     """DiffGRM (see the module docstring).
 
     Args:
@@ -188,7 +181,9 @@ class DiffGRM(SeqRecModel):
         gradient_clip_val: float = 1.0,
         ks: Sequence[int] = DEFAULT_KS,
     ) -> None:
-        super().__init__(num_items, max_len, lr, weight_decay, ks)
+        super().__init__(
+            num_items, max_len, lr, weight_decay, ks, n_digits=n_digits, codebook_size=codebook_size, collision_digit=False
+        )
         self.save_hyperparameters()
         if n_digits < 2:
             raise ValueError(f"n_digits must be >= 2, got {n_digits}")
@@ -206,7 +201,6 @@ class DiffGRM(SeqRecModel):
             raise ValueError("merge_duplicate_beams needs (codebook_size + 1) ** n_digits < 2**62")
         if position_anchor not in ("oldest", "newest"):
             raise ValueError(f"position_anchor must be 'oldest' or 'newest', got {position_anchor!r}")
-        self.n_digits, self.codebook_size = n_digits, codebook_size
         self.position_anchor = position_anchor
         self.masking, self.confidence_metric, self.guided_select = masking, confidence_metric, guided_select
         self.random_mask_prob = random_mask_prob
@@ -235,15 +229,7 @@ class DiffGRM(SeqRecModel):
         nn.init.normal_(self.decoder.mask_embedding, std=0.02)
         self.register_buffer("token_offsets", 1 + torch.arange(n_digits) * codebook_size, persistent=False)
 
-        # Item side: codes (N+1, n) filled in setup (or by a checkpoint); PAD_CODE = not built.
-        self.register_buffer("sid_codes", torch.full((num_items + 1, n_digits), PAD_CODE, dtype=torch.long))
-        self.register_buffer("sid_codebook_size", torch.zeros((), dtype=torch.long))  # effective K'
-        # K' as a Python int, set with the IDs: reading the buffer in a step would sync with a GPU.
-        self._codebook_size_active = 0
-        self._sids: SemanticIDs | None = None
         self._schedule: WarmupSchedule | None = None  # set by configure_optimizers
-        self._item_side_notes: dict[str, Any] = {}
-        self.register_load_state_dict_post_hook(_reset_sids_after_load)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -254,68 +240,20 @@ class DiffGRM(SeqRecModel):
 
     # ------------------------------------------------------------------ item side
     @property
-    def has_semantic_ids(self) -> bool:
-        return self._codebook_size_active > 0
-
-    @property
     def active_codebook_size(self) -> int:
-        """K' = codes per digit actually used (K, or the small-data fallback)."""
-        if not self.has_semantic_ids:
-            raise RuntimeError("DiffGRM has no semantic IDs yet: fit it with a datamodule or call set_semantic_ids")
-        return self._codebook_size_active
+        """K' = codes per digit actually used (K, or the small-data fallback); a host value."""
+        self.require_semantic_ids()
+        return self.active_codebook_sizes[0]
 
-    @property
-    def semantic_ids(self) -> SemanticIDs:
-        """The lookup structure over the ``sid_codes`` buffer, rebuilt lazily after a checkpoint load
-        or a device move."""
-        if self._sids is None or self._sids.device != self.sid_codes.device:
-            k = self.active_codebook_size
-            scheme = str(self._item_side_notes.get("sid_scheme", "parallel-pq (from checkpoint)"))
-            self._sids = SemanticIDs(self.sid_codes, (k,) * self.n_digits, scheme)
-        return self._sids
-
-    def set_semantic_ids(self, sids: SemanticIDs, notes: dict[str, Any] | None = None) -> None:
-        """Install item SIDs (setup does this; tests may pass hand-made ones)."""
-        if sids.num_items != self.num_items or sids.n_digits != self.n_digits:
+    def check_semantic_ids(self, sids: SemanticIDs) -> None:
+        if len(set(sids.codebook_sizes)) != 1 or sids.collision_digit:
             raise ValueError(
-                f"semantic IDs cover {sids.num_items} items x {sids.n_digits} digits, "
-                f"the model expects {self.num_items} x {self.n_digits}"
+                f"DiffGRM needs one codebook size for every digit and no collision digit, got "
+                f"{sids.codebook_sizes} (collision_digit={sids.collision_digit})"
             )
-        sizes = set(sids.codebook_sizes)
-        if len(sizes) != 1 or max(sizes) > self.codebook_size or sids.collision_digit:
-            raise ValueError(
-                f"DiffGRM needs one codebook size <= {self.codebook_size} for every digit and no collision "
-                f"digit, got {sids.codebook_sizes} (collision_digit={sids.collision_digit})"
-            )
-        with torch.no_grad():
-            self.sid_codes.copy_(sids.codes.to(self.sid_codes.device))
-            self.sid_codebook_size.fill_(sids.codebook_sizes[0])
-        self._codebook_size_active = sids.codebook_sizes[0]
-        self._item_side_notes = {"sid_scheme": sids.scheme, **(notes or {})}
-        self._sids = sids.to(self.sid_codes.device)
 
-    def setup(self, stage: str) -> None:
-        """Build the semantic IDs unless the model has them (fitted earlier, or from a checkpoint).
-
-        With several processes only rank 0 builds them and broadcasts the codes, so every rank
-        decodes with the same IDs even where the embedding fit is not bit-reproducible (ARPACK).
-        """
-        trainer = self.trainer
-        distributed = trainer.world_size > 1
-        if not self.has_semantic_ids and (not distributed or trainer.is_global_zero):
-            data = trainer.datamodule
-            if not isinstance(data, SeqRecDataModule):
-                raise TypeError("DiffGRM builds its semantic IDs from a SeqRecDataModule; pass one to the Trainer")
-            self.build_semantic_ids(data)
-        if distributed:
-            codes, size, notes = trainer.strategy.broadcast(
-                (self.sid_codes.cpu(), int(self.sid_codebook_size), dict(self._item_side_notes)), src=0
-            )
-            scheme = str(notes.get("sid_scheme", "parallel-pq (broadcast)"))
-            self.set_semantic_ids(SemanticIDs(codes, (size,) * self.n_digits, scheme), notes)
-
-    def build_semantic_ids(self, data: SeqRecDataModule) -> SemanticIDs:
-        """Embeddings -> PSE codes fitted on training items (cached on disk), installed in the buffer."""
+    def build_semantic_ids(self, data: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, Any]]:
+        """Embeddings -> PSE codes fitted on training items (cached on disk), with their provenance."""
         hp = self.hparams
         if data.num_items != self.num_items:
             raise ValueError(f"the data has {data.num_items} items, the model {self.num_items}")
@@ -343,16 +281,7 @@ class DiffGRM(SeqRecModel):
             collision_digit=False,
             seed=hp.sid_seed,
         )
-        sids = semantic_ids_for(data, config, embeddings)
-        self.set_semantic_ids(sids, notes)
-        return sids
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["diffgrm_item_side"] = dict(self._item_side_notes)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._item_side_notes = dict(checkpoint.get("diffgrm_item_side", {}))
-        self._sids = None
+        return semantic_ids_for(data, config, embeddings), notes
 
     # ------------------------------------------------------------------ network
     def _tokens(self, codes: Tensor) -> Tensor:
@@ -451,7 +380,7 @@ class DiffGRM(SeqRecModel):
         return masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, self.label_smoothing)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = self.adamw()
         allowed = float(self.decay_steps) if self.decay_steps is not None else float(self.trainer.estimated_stepping_batches)
         self._schedule = sized_schedule("cosine", self.warmup_steps, allowed)  # recorded in run_notes
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, self._schedule)}
@@ -520,11 +449,11 @@ class DiffGRM(SeqRecModel):
 
     def run_notes(self) -> dict[str, object]:
         return {
-            "embedding_source": self._item_side_notes.get("embedding_source"),
-            "sid_scheme": self._item_side_notes.get("sid_scheme"),
-            "codebook_size": self._codebook_size_active or None,
-            "codebook_fallback": self._item_side_notes.get("codebook_fallback"),
-            "pca_dim": self._item_side_notes.get("pca_dim"),
+            "embedding_source": self.item_side_info.get("embedding_source"),
+            "sid_scheme": self.item_side_info.get("scheme"),
+            "codebook_size": self.active_codebook_sizes[0] or None,
+            "codebook_fallback": self.item_side_info.get("codebook_fallback"),
+            "pca_dim": self.item_side_info.get("pca_dim"),
             "position_anchor": self.position_anchor,
             "masking": self.masking,
             "confidence_metric": self.confidence_metric if self.masking == "guided" else None,

@@ -98,7 +98,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, Batch, trim_left_padding
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, Batch
 from recbench.data import SeqRecDataModule
 from recbench.diffusion import (
     GaussianDiffusion,
@@ -112,7 +112,7 @@ from recbench.diffusion import (
     sinusoidal_time_embedding,
 )
 from recbench.metrics import DEFAULT_KS
-from recbench.model import SeqRecModel
+from recbench.model import SeqRecModel, float32_scores
 from recbench.retrieval import Backend, ItemIndex
 
 DenoiserKind = Literal["mlp1", "mlp2"]
@@ -354,12 +354,16 @@ class DreamRec(SeqRecModel):
     def loss(self, batch: Batch) -> Tensor:
         """x0-prediction MSE (the reference's ``diffusion.p_losses``), averaged over the batch's targets; either view."""
         self.clear_sampling_cache()  # the weights are about to change
+        weight = None
         if SEQUENCE in batch:  # one causal pass per window gives h for every target position
-            sequence = trim_left_padding(batch[SEQUENCE])  # (B, L' + 1)
+            sequence = batch[SEQUENCE]  # (B, L' + 1), trimmed by the datamodule
             inputs, targets = sequence[:, :-1], sequence[:, 1:]  # (B, L') each
             valid = inputs != PAD_ID  # (B, L'): left padding, so a real input has a real next item
             hidden = self.encoder(self.item_embedding(inputs), valid, last_only=False)  # (B, L', d)
-            h, target = hidden[valid], targets[valid]  # (M, d), (M,): row-major, as pairs would come
+            if hidden.device.type == "cpu":  # real rows only, row-major as pairs would come
+                h, target = hidden[valid], targets[valid]  # (M, d), (M,)
+            else:  # selecting rows costs a host sync on GPU: keep the grid, weigh padding 0
+                h, target, weight = hidden.flatten(0, 1), targets.flatten(), valid.flatten().to(hidden.dtype)
         else:
             h, target = self.condition(batch[HISTORY]), batch[TARGET]  # (B, d), (B,)
         x0 = self.item_embedding(target)  # (M, d)
@@ -370,7 +374,7 @@ class DreamRec(SeqRecModel):
         def denoiser(x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
             return self.denoise(x_t, cond, self.time_embedding(t))
 
-        return self.diffusion.training_loss(denoiser, x0, h)
+        return self.diffusion.training_loss(denoiser, x0, h, weight=weight)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -523,7 +527,7 @@ class DreamRec(SeqRecModel):
         steps = ddim_steps if ddim_steps is not None else self.ddim_steps
         eta = ddim_eta if ddim_eta is not None else self.ddim_eta
         device = history.device
-        with torch.autocast(device_type=device.type, enabled=False):
+        with float32_scores(device):
             h = self.condition(history).float()  # (B, d): no CFG dropout at evaluation
             guided = self._guided_x0(h, path)
             noise = KeyedNoise(sequence_keys(history, PAD_ID), self.eval_seed)

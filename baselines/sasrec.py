@@ -27,11 +27,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recbench.batch import PAD_ID, SEQUENCE, Batch, trim_left_padding
+from recbench.batch import PAD_ID, SEQUENCE, Batch
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.nn import TransformerBlock, causal_padding_mask
 from recbench.retrieval import exact_top_items
+
+_IGNORE = -100  # cross-entropy label of a padded position
 
 
 class SASRec(SeqRecModel):
@@ -105,34 +107,44 @@ class SASRec(SeqRecModel):
         return self.final_norm(x) * valid.unsqueeze(-1)  # (B, L, d)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        sequence = trim_left_padding(batch[SEQUENCE])  # (B, L' + 1)
+        sequence = batch[SEQUENCE]  # (B, L' + 1), trimmed by the datamodule
         inputs, targets = sequence[:, :-1], sequence[:, 1:]  # (B, L) each
-        valid = (inputs != PAD_ID) & (targets != PAD_ID)
-        hidden = self.encode(inputs)[valid]  # (M, d): valid positions only
-        positives = targets[valid]  # (M,)
+        valid = (inputs != PAD_ID) & (targets != PAD_ID)  # (B, L)
+        hidden = self.encode(inputs)  # (B, L, d)
         table = self.item_embedding.weight  # (N + 1, d)
-        if self.loss_kind == "ce":
-            logits = hidden @ table[1:].T  # (M, N)
-            return F.cross_entropy(logits.float(), positives - 1)
-        negatives = self._sample_negatives(sequence, valid)  # (M,)
-        positive_logit = (hidden * table[positives]).sum(-1)
-        negative_logit = (hidden * table[negatives]).sum(-1)
-        return F.softplus(-positive_logit).mean() + F.softplus(negative_logit).mean()
+        if self.loss_kind == "bce":
+            return self._bce_loss(hidden, sequence, targets, valid)
+        if hidden.device.type == "cpu":  # score the real positions only
+            hidden, labels = hidden[valid], targets[valid] - 1  # (M, d), (M,)
+        else:  # selecting them costs a host sync on GPU; bucketed batches leave little padding
+            labels = torch.where(valid, targets - 1, _IGNORE)  # (B, L)
+        logits = hidden @ table[1:].T  # (M, N) or (B, L, N)
+        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=_IGNORE)
 
-    def _sample_negatives(self, sequence: torch.Tensor, valid: torch.Tensor, rounds: int = 5) -> torch.Tensor:
-        """One uniform negative per valid position, redrawn while it lies in the user's window."""
-        rows = torch.nonzero(valid)[:, 0]  # (M,) batch row of each valid position
-        negatives = torch.randint(1, self.num_items + 1, rows.shape, device=sequence.device)
+    def _bce_loss(
+        self, hidden: torch.Tensor, sequence: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """One sampled negative per position; means over the real positions (masks, no selection)."""
+        table = self.item_embedding.weight
+        negatives = self._sample_negatives(sequence, targets.shape)  # (B, L)
+        positive_logit = (hidden * table[targets]).sum(-1)  # (B, L)
+        negative_logit = (hidden * table[negatives]).sum(-1)
+        weight = valid.to(hidden.dtype)
+        count = weight.sum().clamp(min=1.0)
+        return ((F.softplus(-positive_logit) + F.softplus(negative_logit)) * weight).sum() / count
+
+    def _sample_negatives(self, sequence: torch.Tensor, shape: torch.Size, rounds: int = 5) -> torch.Tensor:
+        """A uniform negative per position ``(B, L)``, redrawn (a fixed number of rounds, so no host
+        read decides when to stop) while it lies in the user's window."""
+        negatives = torch.randint(1, self.num_items + 1, shape, device=sequence.device)
         for _ in range(rounds):
-            clash = (sequence[rows] == negatives.unsqueeze(1)).any(dim=1)
-            if not bool(clash.any()):
-                break
-            redraw = torch.randint(1, self.num_items + 1, rows.shape, device=sequence.device)
+            clash = (sequence.unsqueeze(1) == negatives.unsqueeze(2)).any(dim=2)  # (B, L)
+            redraw = torch.randint(1, self.num_items + 1, shape, device=sequence.device)
             negatives = torch.where(clash, redraw, negatives)
         return negatives
 
     @torch.no_grad()
     def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
-        last = self.encode(trim_left_padding(history))[:, -1]  # (B, d): left padding puts the newest item last
+        last = self.encode(history)[:, -1]  # (B, d): left padding puts the newest item last
         _, items = exact_top_items(last, self.item_embedding.weight, k)
         return items

@@ -91,14 +91,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recbench.batch import HISTORY, PAD_ID, TARGET, Batch, trim_left_padding
+from recbench.batch import HISTORY, TARGET, Batch, trim_left_padding
 from recbench.data import SeqRecDataModule
 from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
-from recbench.model import SeqRecModel
 from recbench.nn import TransformerBlock
 from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
-from recbench.semantic_ids import INVALID_KEY, PAD_CODE, ResidualKMeansConfig, SemanticIDs
+from recbench.semantic_id_model import SemanticIDModel
+from recbench.semantic_ids import INVALID_KEY, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,6 @@ EncoderInput = Literal["flat", "item"]
 OutputHead = Literal["tied", "separate"]
 EmbeddingSource = Literal["text", "collaborative"]
 OptimizerName = Literal["adamw", "adafactor"]
-
-_CHECKPOINT_KEY = "tiger_item_side"
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +391,7 @@ class _TigerNetwork(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class TIGER(SeqRecModel):
+class TIGER(SemanticIDModel):
     """TIGER-style autoregressive semantic-ID recommender (see the module docstring).
 
     Args:
@@ -464,7 +462,16 @@ class TIGER(SeqRecModel):
         warmup_steps: int = 0,
         ks: Sequence[int] = DEFAULT_KS,
     ) -> None:
-        super().__init__(num_items, max_len, lr, weight_decay, ks)
+        super().__init__(
+            num_items,
+            max_len,
+            lr,
+            weight_decay,
+            ks,
+            n_digits=levels + int(collision_digit),
+            codebook_size=codebook_size,
+            collision_digit=collision_digit,
+        )
         self.save_hyperparameters()
         if history_items < 1 or beam_size < 1 or levels < 1 or codebook_size < 2 or warmup_steps < 0:
             raise ValueError(
@@ -473,7 +480,6 @@ class TIGER(SeqRecModel):
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.n_digits = levels + int(collision_digit)
         self.history_items = min(history_items, max_len)  # the data never supplies more
         self.beam_size = beam_size
         self.constrained = constrained
@@ -481,7 +487,7 @@ class TIGER(SeqRecModel):
         self.embedding_source = embedding_source
         self.text_encoder = text_encoder
         self.collaborative_dim = collaborative_dim
-        self.levels, self.codebook_size, self.collision_digit = levels, codebook_size, collision_digit
+        self.levels = levels
         self.sid_seed, self.kmeans_iters = sid_seed, kmeans_iters
         self.optimizer_name, self.lr_schedule, self.warmup_steps = optimizer, lr_schedule, warmup_steps
         self.network = _TigerNetwork(
@@ -498,42 +504,11 @@ class TIGER(SeqRecModel):
             dropout,
             output_head,
         )
-        # Item codes (N + 1, n) and the effective codes per digit (n,): persistent buffers, so a
-        # checkpoint decodes without the datamodule or the item-side cache. PAD_CODE / 0 = not set.
-        self.register_buffer(
-            "sid_codes", torch.full((num_items + 1, self.n_digits), PAD_CODE, dtype=torch.long)
-        )
-        self.register_buffer("sid_codebook_sizes", torch.zeros(self.n_digits, dtype=torch.long))
-        # Provenance strings for run_notes; saved in checkpoints by on_save_checkpoint.
-        self.item_side_info: dict[str, str] = {}
-        self._sids: SemanticIDs | None = None  # lazy view of the buffers (see semantic_ids)
-        # Python-side "the buffers hold IDs" flag, so training steps do not sync the GPU to check.
-        self._ids_ready = False
 
     # ------------------------------------------------------------------ item side
-    @property
-    def has_semantic_ids(self) -> bool:
-        """Whether the buffers hold item IDs (set in setup, by set_semantic_ids or a checkpoint)."""
-        if not self._ids_ready:
-            self._ids_ready = bool((self.sid_codebook_sizes > 0).all())
-        return self._ids_ready
-
-    def setup(self, stage: str) -> None:
-        """Fit (or load from the cache) the item semantic IDs, unless the buffers already hold them
-        (a second ``fit``/``test`` on the same model, or a checkpoint: its codes win)."""
-        if self.has_semantic_ids:
-            return
-        datamodule = self.trainer.datamodule
-        if not isinstance(datamodule, SeqRecDataModule):
-            raise RuntimeError(
-                "TIGER builds its semantic IDs from a SeqRecDataModule in setup(); pass datamodule=... "
-                "to the trainer, load a checkpoint that has them, or call set_semantic_ids(...)"
-            )
-        sids, info = self.fit_semantic_ids(datamodule)
-        self.set_semantic_ids(sids, info)
-
-    def fit_semantic_ids(self, datamodule: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, str]]:
-        """Residual k-means IDs of ``datamodule``'s items (cached on disk) and their provenance."""
+    def build_semantic_ids(self, datamodule: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, str]]:
+        """Residual k-means IDs of ``datamodule``'s items (cached on disk) and their provenance; the
+        lifecycle around it (setup, buffers, checkpoint) is :class:`~recbench.semantic_id_model.SemanticIDModel`'s."""
         embeddings = item_embeddings_for(
             datamodule,
             source=self.embedding_source,
@@ -553,63 +528,6 @@ class TIGER(SeqRecModel):
         )
         return semantic_ids_for(datamodule, config, embeddings), info
 
-    def set_semantic_ids(self, sids: SemanticIDs, info: dict[str, str] | None = None) -> None:
-        """Use ``sids`` as the items' IDs (fills the buffers); ``info`` = provenance for run_notes."""
-        if sids.num_items != self.num_items or sids.n_digits != self.n_digits:
-            raise ValueError(
-                f"semantic IDs for {sids.num_items} items x {sids.n_digits} digits; the model has "
-                f"{self.num_items} items x {self.n_digits} digits"
-            )
-        if max(sids.codebook_sizes) > self.codebook_size:
-            raise ValueError(
-                f"codebook sizes {sids.codebook_sizes} exceed the vocabulary's {self.codebook_size}"
-            )
-        with torch.no_grad():
-            self.sid_codes.copy_(sids.codes)
-            self.sid_codes[PAD_ID] = PAD_CODE
-            self.sid_codebook_sizes.copy_(torch.tensor(sids.codebook_sizes))
-        self.item_side_info = {"embedding_source": "given", "codebook_fallback": "", **(info or {})}
-        self.item_side_info["scheme"] = sids.scheme
-        self._sids = None
-        self._ids_ready = True
-
-    @property
-    def semantic_ids(self) -> SemanticIDs:
-        """The lookup tables, rebuilt from the buffers when they changed (checkpoint, device move)."""
-        if not self.has_semantic_ids:
-            raise RuntimeError(
-                "TIGER has no semantic IDs yet: fit/test it through a SeqRecDataModule, load a checkpoint, "
-                "or call set_semantic_ids(...)"
-            )
-        cached = self._sids
-        # Comparing the (N + 1, n) codes is cheap next to one decoding batch and catches every way
-        # the buffers can change (load_state_dict, .to(device), set_semantic_ids).
-        if (
-            cached is None
-            or cached.device != self.sid_codes.device
-            or not torch.equal(cached.codes, self.sid_codes)
-            or cached.codebook_sizes != tuple(self.sid_codebook_sizes.tolist())
-        ):
-            cached = SemanticIDs(
-                self.sid_codes,
-                tuple(self.sid_codebook_sizes.tolist()),
-                self.item_side_info.get("scheme", "from checkpoint buffers"),
-                collision_digit=self.collision_digit,
-            )
-            self._sids = cached
-        return cached
-
-    def on_save_checkpoint(self, checkpoint: dict[str, object]) -> None:
-        checkpoint[_CHECKPOINT_KEY] = dict(self.item_side_info)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        info = checkpoint.get(_CHECKPOINT_KEY)
-        if isinstance(info, dict):
-            self.item_side_info = {str(k): str(v) for k, v in info.items()}
-        self._sids = None
-        self._ids_ready = False  # re-checked once the state dict is in the buffers
-
     # ------------------------------------------------------------------ training
     def _history_codes(self, history: Tensor) -> Tensor:
         """(B, L) items -> (B, L', n) codes of the last ``history_items`` (all-padding columns dropped)."""
@@ -617,8 +535,7 @@ class TIGER(SeqRecModel):
 
     def loss(self, batch: Batch) -> Tensor:
         """Mean cross-entropy over the n digits of the target's ID, teacher-forced."""
-        if not self.has_semantic_ids:
-            raise RuntimeError("TIGER.loss before setup(): the semantic IDs are not built")
+        self.require_semantic_ids()
         target_codes = self.sid_codes[batch[TARGET]]  # (B, n)
         memory, valid = self.network.encode(self._history_codes(batch[HISTORY]))  # (B, S, d), (B, S)
         logits = self.network(memory, valid, target_codes)  # (B, n, K)
@@ -633,7 +550,7 @@ class TIGER(SeqRecModel):
                 parameters, lr=self.lr, weight_decay=self.weight_decay
             )
         else:
-            optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+            optimizer = self.adamw(parameters)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
         schedule = sized_schedule(self.lr_schedule, self.warmup_steps, float(self.trainer.estimated_stepping_batches))

@@ -143,6 +143,11 @@ class Profile:
         time_limit_minutes: a wall-clock safety net for one fit, never a stopping rule: a fit it ends
             is stored as ``stopped_by = "time limit"``, ``converged = false``, and is kept out of
             every leaderboard mean.
+        batch_size: training batch size of every fit of the profile (replaces the data config's;
+            a bigger one fills a GPU); None = the data config's.
+        compile: fit ``torch.compile(model, dynamic=True)`` (shapes vary with the length buckets);
+            recorded in the row's notes. Off by default: it pays a compile per new shape, which a
+            CPU fit of minutes does not win back.
     """
 
     name: str
@@ -155,6 +160,8 @@ class Profile:
     precision: str | None = None
     max_steps: int | None = None
     time_limit_minutes: float | None = None
+    batch_size: int | None = None
+    compile: bool = False
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -349,7 +356,10 @@ def run_one(
     # time the row is written minutes later.
     commit = git_commit()
     pl.seed_everything(spec.seed, workers=True, verbose=False)
-    data: SeqRecDataModule = instantiate_data(spec.dataset, val_subset=profile.val_subset, **data_overrides)
+    profile_data = {} if profile.batch_size is None else {"batch_size": profile.batch_size}
+    data: SeqRecDataModule = instantiate_data(
+        spec.dataset, val_subset=profile.val_subset, **{**profile_data, **data_overrides}
+    )
     model: SeqRecModel = instantiate_model(spec.model_config, data.num_items, data.max_len)
     run_id = spec.run_id
     run_dir = work_dir / run_id
@@ -389,7 +399,9 @@ def run_one(
     memory = PeakMemory()
     memory.start()
     started = time.perf_counter()
-    trainer.fit(model, datamodule=data, ckpt_path=str(last) if resumed else None)
+    # Lightning unwraps a compiled module and compiles it again after moving it to the device.
+    fitted = torch.compile(model, dynamic=True) if profile.compile else model
+    trainer.fit(fitted, datamodule=data, ckpt_path=str(last) if resumed else None)  # type: ignore[arg-type]
     fit_wall_seconds = time.perf_counter() - started
     train_seconds = timer.time_elapsed("train")
     stopped_by = stop_reason(timer, early_stopping, trainer, model, max_epochs, profile.max_steps)
@@ -414,6 +426,7 @@ def run_one(
     notes = {
         **model.run_notes(),
         "resumed": resumed,
+        "compiled": profile.compile,
         "best_checkpoint": best_path,
         "fit_wall_seconds": round(fit_wall_seconds, 2),
         "test_wall_seconds": round(test_wall_seconds, 2),

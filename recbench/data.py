@@ -58,12 +58,14 @@ served exactly once), ``"pairs"`` as one ``(history, target)`` case per position
 with the history truncated to the last ``max_len`` items). ``"auto"`` asks the attached model's
 ``training_view``.
 
-Training batches can be length-bucketed (``length_buckets``; off by default, see
-:data:`DEFAULT_LENGTH_BUCKETS` for why; ``None`` gives plain shuffled full-width batches). Each epoch, :class:`LengthBucketSampler`
+Training batches are length-bucketed (``length_buckets``, :data:`DEFAULT_LENGTH_BUCKETS`; ``None``
+gives plain shuffled batches). Each epoch, :class:`LengthBucketSampler`
 sorts the training rows by real length (ties broken at random), cuts the sorted order into
-``length_buckets`` buckets of equal row count (a whole number of batches each, so only the last
-batch of the epoch can be short, as without buckets), shuffles each bucket, cuts it into batches
-and shuffles the order of all batches; the collate function then drops the leading columns that are
+``length_buckets`` buckets of equal row count, shuffles each bucket, cuts the bucket-ordered rows
+into batches and shuffles the order of all batches. Pairs-view batches hold ``batch_size`` rows;
+sequence-view batches hold ``batch_size`` rows' worth of TARGETS (a token budget), so that a
+per-batch mean loss weighs every target of an epoch alike. Only the epoch's last batch can be
+short. The collate function (on the host, train and evaluation alike) drops the leading columns that are
 padding in every row, so a batch is exactly as wide as its longest real row. Every training
 target is still served exactly once per epoch; the order is a function of ``(seed, epoch)``, the
 seed being ``torch.initial_seed()`` when the loader is built (what ``seed_everything`` sets, the
@@ -124,17 +126,14 @@ TEXT_FIELDS: tuple[str, ...] = (
 
 SplitName = Literal["leave_one_out", "session", "temporal"]
 TrainFormat = Literal["auto", "sequence", "pairs"]
-#: A bucket count for the training loader (see the module docstring). Measured on the synthetic
+#: The bucket count of the training loader (see the module docstring). Measured on the synthetic
 #: Beauty-shaped set (scale 0.2, batch 256), padded slots / all slots of the trimmed batches, pairs
 #: view: random batches 0.81, 8 buckets 0.35, 16 0.19, 32 0.11, 64 0.08 (sequence view: 0.77, 0.34,
 #: 0.23, 0.12, 0.12). 32 keeps about 16 batches per bucket on Beauty's pairs (512 batches an epoch).
-SUGGESTED_LENGTH_BUCKETS = 32
-#: Off by default. Every model averages its loss over the targets of a batch, so a batch of short
-#: histories weighs as much as a batch of long ones: bucketing by length re-weights targets by their
-#: bucket. Measured on Beauty (quick, seed 1, this CPU): SASRec test NDCG@10 0.0393 without buckets,
-#: 0.0323 with 32 buckets (early stopping at epochs 23 and 20). Turn it on only with a loss that
-#: weighs every target of an epoch alike.
-DEFAULT_LENGTH_BUCKETS: int | None = None
+#: Sequence-view batches are cut at equal target counts (:class:`LengthBucketSampler`): with equal
+#: ROW counts a batch of short rows weighed as much as a batch of long ones under a per-batch mean
+#: loss, and Beauty SASRec (quick, seed 1) fell from test NDCG@10 0.0393 (unbucketed) to 0.0323.
+DEFAULT_LENGTH_BUCKETS: int | None = 32
 
 
 def data_root() -> Path:
@@ -248,8 +247,8 @@ class _IndexDataset(Dataset):
 
 
 class _CaseCollate:
-    """(history, target) batches. ``trim``: the history is as wide as its longest real row (training
-    batches; evaluation batches keep the full width ``max_len``, models trim them themselves)."""
+    """(history, target) batches. ``trim``: the history is as wide as its longest real row, cut on
+    the host (the datamodule always trims, so no model reads a device tensor to learn a width)."""
 
     def __init__(self, items: torch.Tensor, cases: _Cases, max_len: int, trim: bool = False) -> None:
         self.items, self.cases, self.max_len, self.trim = items, cases, max_len, trim
@@ -257,7 +256,7 @@ class _CaseCollate:
     def __call__(self, indices: list[int]) -> Batch:
         index = torch.as_tensor(indices, dtype=torch.long)
         start, position = self.cases.start[index], self.cases.position[index]
-        width = int((position - start).clamp(max=self.max_len).max()) if self.trim else self.max_len
+        width = max(1, int((position - start).clamp(max=self.max_len).max())) if self.trim else self.max_len
         return {
             HISTORY: left_pad_windows(self.items, start, position, width),  # (B, L'), L' <= L
             TARGET: self.items[position],  # (B,)
@@ -292,24 +291,42 @@ class LengthBucketSampler(DistributedSampler):
 
     Args:
         lengths: LongTensor ``(C,)``, the real length of every row (what it would be trimmed to).
-        batch_size: rows per batch (per rank, as Lightning's ``batch_size``).
+        batch_size: rows per batch (per rank, as Lightning's ``batch_size``); with ``targets``, the
+            batch holds ``batch_size`` rows' worth of targets on average instead.
         buckets: number of length buckets (1 = shuffled batches, trimmed).
         seed: base seed; epoch ``e`` uses ``seed + e``.
         num_replicas, rank: the DDP world size and this process's rank.
+        targets: LongTensor ``(C,)``, the training targets of every row (sequence view: one per
+            position after the first). Batches are then cut at equal target counts (a token budget
+            of ``batch_size`` x the mean targets per row), so a batch of short rows holds more rows
+            and a per-batch mean loss weighs every target of the epoch alike, as unbucketed
+            batches do on average. ``None``: one target per row (pairs view), ``batch_size`` rows.
     """
 
     def __init__(
-        self, lengths: torch.Tensor, batch_size: int, buckets: int, seed: int, num_replicas: int = 1, rank: int = 0
+        self,
+        lengths: torch.Tensor,
+        batch_size: int,
+        buckets: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        targets: torch.Tensor | None = None,
     ) -> None:
         if buckets < 1 or batch_size < 1:
             raise ValueError(f"buckets and batch_size must be >= 1, got {buckets} and {batch_size}")
         if len(lengths) < num_replicas:
             raise ValueError(f"{len(lengths)} training rows cannot be shared by {num_replicas} processes")
+        if targets is not None and (targets.shape != lengths.shape or bool((targets < 1).any())):
+            raise ValueError("targets must give every row at least one target, one value per row")
         super().__init__(
             _IndexDataset(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
         )
         self.lengths, self.batch_size = lengths, batch_size
         self.buckets = buckets
+        self.targets = torch.ones_like(lengths) if targets is None else targets
+        self.target_budget = max(1, round(batch_size * float(self.targets.double().mean())))
+        self._batch_counts: dict[int, int] = {}
 
     def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         """Every batch of epoch ``epoch`` (all ranks, in order; rank ``r`` takes ``r::world``)."""
@@ -317,18 +334,23 @@ class LengthBucketSampler(DistributedSampler):
         generator = torch.Generator().manual_seed((self.seed + epoch) % 2**63)
         shuffled = torch.randperm(n, generator=generator)
         by_length = shuffled[torch.sort(self.lengths[shuffled], stable=True).indices]  # random ties
-        batches: list[torch.Tensor] = []
-        for bucket in by_length.split(self._bucket_rows()):
-            bucket = bucket[torch.randperm(len(bucket), generator=generator)]
-            batches += list(bucket.split(self.batch_size))
-        order = torch.randperm(len(batches), generator=generator).tolist()
-        batches = [batches[i] for i in order]
+        order = torch.cat(
+            [bucket[torch.randperm(len(bucket), generator=generator)] for bucket in by_length.split(self._bucket_rows())]
+        )
+        # Cut the bucket-ordered rows at every ``target_budget`` targets: only the epoch's last batch
+        # is short, and a batch that straddles two buckets joins neighbouring lengths.
+        batch_of_row = (self.targets[order].cumsum(0) - 1) // self.target_budget  # (C,) non-decreasing
+        sizes = torch.unique_consecutive(batch_of_row, return_counts=True)[1].tolist()
+        batches = list(order.split(sizes))
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in shuffle]
         while len(batches) % self.num_replicas:  # equal step counts per rank, no repeated row
             largest = max(range(len(batches)), key=lambda i: len(batches[i]))
             if len(batches[largest]) < 2:
                 raise ValueError(f"{len(self.lengths)} rows cannot fill an equal number of batches on {self.num_replicas} processes")
             half = (len(batches[largest]) + 1) // 2
             batches[largest : largest + 1] = [batches[largest][:half], batches[largest][half:]]
+        self._batch_counts[epoch] = len(batches)
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
@@ -336,13 +358,14 @@ class LengthBucketSampler(DistributedSampler):
             yield batch.tolist()
 
     def _bucket_rows(self) -> int:
-        """Rows per bucket: a whole number of batches, so only the longest bucket ends short."""
+        """Rows per bucket: a whole number of batches of ``batch_size`` rows."""
         batches = -(-len(self.lengths) // self.batch_size)  # ceil
         return -(-batches // self.buckets) * self.batch_size
 
     def __len__(self) -> int:
-        batches = -(-len(self.lengths) // self.batch_size)
-        return -(-batches // self.num_replicas)  # ceil: the halving above pads the count up
+        if self.epoch not in self._batch_counts:  # the count can depend on the order (token budgets)
+            self.epoch_batches(self.epoch)
+        return self._batch_counts[self.epoch] // self.num_replicas
 
 
 def _fingerprint(parts: dict[str, object]) -> str:
@@ -818,6 +841,14 @@ class SeqRecDataModule(pl.LightningDataModule):
         mask[PAD_ID] = False
         return mask
 
+    def train_item_counts(self) -> torch.Tensor:
+        """LongTensor (N + 1,): occurrences of every item in the training prefixes (row 0 is 0);
+        the training popularity that orders items sharing a semantic ID."""
+        items, _ = self.train_sequences()
+        counts = torch.bincount(items, minlength=self.num_items + 1)
+        counts[PAD_ID] = 0
+        return counts
+
     def train_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training prefixes as a flat item array and offsets ``(U + 1,)`` (CSR layout)."""
         self.setup()
@@ -864,7 +895,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             raise ValueError(f"{self.name}: the training split has no targets")
         bucketed = self.length_buckets is not None
         collate_class = _WindowCollate if view == "sequence" else _CaseCollate
-        collate = collate_class(self._flat_items, rows, self.max_len, trim=bucketed)
+        collate = collate_class(self._flat_items, rows, self.max_len, trim=True)
         if not bucketed:
             return DataLoader(
                 _IndexDataset(len(rows)),
@@ -877,7 +908,13 @@ class SeqRecDataModule(pl.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = LengthBucketSampler(
-            lengths, self.batch_size, self.length_buckets, seed=torch.initial_seed(), num_replicas=world, rank=rank
+            lengths,
+            self.batch_size,
+            self.length_buckets,
+            seed=torch.initial_seed(),
+            num_replicas=world,
+            rank=rank,
+            targets=(lengths - 1).clamp(min=1) if view == "sequence" else None,
         )
         return DataLoader(
             _IndexDataset(len(rows)),
@@ -903,7 +940,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             batch_size=self.eval_batch_size,
             shuffle=False,
             sampler=sampler,
-            collate_fn=_CaseCollate(self._flat_items, cases, self.max_len),
+            collate_fn=_CaseCollate(self._flat_items, cases, self.max_len, trim=True),
             num_workers=self.num_workers,
         )
 
@@ -926,6 +963,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             "dataset": self.name,
             "protocol": self.split,
             "fingerprint": self.fingerprint,
+            "batch_size": self.batch_size,
             "length_buckets": self.length_buckets,
             **asdict(counts),
         }

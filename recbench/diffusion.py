@@ -453,6 +453,7 @@ class GaussianDiffusion(nn.Module):
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        weight: Tensor | None = None,
     ) -> Tensor:
         r"""DreamRec's x0-prediction objective (``diffusion.p_losses``).
 
@@ -470,6 +471,9 @@ class GaussianDiffusion(nn.Module):
             generator: RNG for ``t`` and ``noise``; None uses the global RNG (as Lightning's
                 seeding expects during training). Draw order: ``t`` first, then ``noise``.
             noise: ``(B, *D)``; drawn when None.
+            weight: ``(B,)`` row weights (e.g. 0 for padded rows of a grid, so a caller need not
+                select the real rows, a host-device sync on GPU): the loss is then the weighted mean
+                of the rows' mean squared errors. None = every row alike.
 
         Returns:
             scalar loss.
@@ -481,7 +485,10 @@ class GaussianDiffusion(nn.Module):
             noise = _randn(x0.shape, generator, x0.device, x0.dtype)  # (B, *D)
         x_t = self.q_sample(x0, t, noise)  # (B, *D)
         x0_hat = denoiser(x_t, cond, t)  # (B, *D)
-        return F.mse_loss(x0_hat, x0)
+        if weight is None:
+            return F.mse_loss(x0_hat, x0)
+        per_row = (x0_hat - x0).pow(2).flatten(1).mean(1)  # (B,)
+        return (per_row * weight).sum() / weight.sum().clamp(min=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from recbench.data import SeqRecDataModule, cache_root
 from recbench.semantic_ids import SemanticIDConfig, SemanticIDs, cached_semantic_ids, faiss_threads
@@ -26,6 +27,9 @@ from recbench.text import (
 )
 
 log = logging.getLogger(__name__)
+
+#: How items that share a semantic ID are ordered (:func:`semantic_ids_for`).
+ItemOrder = Literal["popularity", "item_id"]
 
 
 def item_side_cache(cache_dir: str | Path | None = None) -> Path:
@@ -73,13 +77,28 @@ def codebook_size_for(requested: int, train_items: int, model: str) -> tuple[int
     return size, f"{requested}->{size} ({train_items} training items)"
 
 
+def popularity_rank(counts: Tensor) -> Tensor:
+    """(N + 1,) counts -> (N + 1,) rank: 0 = the most frequent item, ties by ascending item id."""
+    order = torch.sort(counts, descending=True, stable=True).indices  # (N + 1,) item ids, most frequent first
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank
+
+
 def semantic_ids_for(
     data: SeqRecDataModule,
     config: SemanticIDConfig,
     embeddings: ItemEmbeddings,
     cache_dir: str | Path | None = None,
+    item_order: ItemOrder = "popularity",
 ) -> SemanticIDs:
     """Fit (or load) semantic IDs on the training items of ``data``.
+
+    ``item_order`` orders the items that share an ID (TIGER's collision digit, DiffGRM's expansion
+    of a decoded ID to its items): ``"popularity"`` (default; training occurrences, most frequent
+    first, so a decoded ID shows its likeliest item first; training data only) or ``"item_id"``
+    (ascending id, the earlier behaviour). The fitted codes are cached without it; the order is
+    applied after loading.
 
     faiss runs on one thread here: on small machines its multi-threaded k-means busy-waits against
     BLAS (10x slower), and PQ codes depend on the thread count, so one thread is also what makes
@@ -88,6 +107,9 @@ def semantic_ids_for(
     if embeddings.num_items != data.num_items:
         raise ValueError(f"embeddings cover {embeddings.num_items} items, the data has {data.num_items}")
     with faiss_threads(1):
-        return cached_semantic_ids(
+        sids = cached_semantic_ids(
             embeddings.vectors.to(torch.float32), data.train_item_mask(), config, item_side_cache_for(data, cache_dir)
         )
+    if item_order == "item_id":
+        return sids
+    return sids.ordered_by(popularity_rank(data.train_item_counts()), "training popularity")

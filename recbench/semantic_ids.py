@@ -1,16 +1,19 @@
 """Semantic-ID tokenizers and the vectorised lookups that generative decoders need.
 
 An item's semantic ID (SID) is a tuple of ``n_digits`` small integers ("codes"); digit ``d`` takes
-values ``0 .. codebook_sizes[d] - 1``. Three tokenizers build them from an item-embedding table
+values ``0 .. codebook_sizes[d] - 1``. Two tokenizers build them from an item-embedding table
 (``recbench.text``), each fitted on **training items only** (items that appear in training
 sequences) and then applied to all items 1..N:
 
 * :func:`fit_residual_kmeans` - TIGER-style residual k-means (3 x 256), plus an optional
   collision digit that makes every ID unique (TIGER, arXiv 2305.05065);
-* :func:`fit_rqvae` - the original TIGER RQ-VAE (small MLP autoencoder + residual codebooks);
 * :func:`fit_parallel_pq` - DiffGRM's parallel semantic encoding: PCA + whitening, L2, OPQ, PQ
   into independent sub-spaces (DiffGRM). Collisions are not resolved by default; they are
   expanded into all colliding items at decode time (:meth:`SemanticIDs.expand_to_items`).
+
+TIGER's original RQ-VAE tokenizer was removed (issue 13): no config used it, no row showed it, and
+residual k-means gives the same kind of ID (one unique ID per item with the collision digit) at a
+fraction of the cost; ``git show bb43126:recbench/semantic_ids.py`` has the last version.
 
 :class:`SemanticIDs` holds the codes and precomputed lookup tables as plain tensors (a model
 registers them as buffers, so they follow it to the GPU and into checkpoints), and provides the
@@ -44,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from recbench.text import atomic_save_tensors, load_tensors, tensor_sha256
 
@@ -137,6 +140,8 @@ class SemanticIDs:
         collision_digit: whether the last digit is a collision digit (then the IDs are unique and
             the stats measure collisions on the digits before it).
         fit_seconds: wall seconds of the fit.
+        item_rank: LongTensor (N+1,), the order in which items sharing an ID are expanded (lower
+            first, e.g. training popularity rank; see :meth:`ordered_by`); None = ascending item id.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class SemanticIDs:
         scheme: str,
         collision_digit: bool = False,
         fit_seconds: float = 0.0,
+        item_rank: Tensor | None = None,
     ) -> None:
         codebook_sizes = tuple(int(s) for s in codebook_sizes)
         if codes.ndim != 2 or codes.shape[1] != len(codebook_sizes) or codes.shape[0] < 2:
@@ -163,7 +169,24 @@ class SemanticIDs:
             raise ValueError(
                 f"item {item} has codes {codes[item].tolist()} outside codebook sizes {codebook_sizes}"
             )
-        self._set(codes, sizes_t, scheme, collision_digit, fit_seconds, derived=None)
+        if item_rank is None:
+            item_rank = torch.arange(codes.shape[0], device=codes.device)
+        elif item_rank.shape != (codes.shape[0],):
+            raise ValueError(f"item_rank must be ({codes.shape[0]},), got {tuple(item_rank.shape)}")
+        self._set(codes, sizes_t, scheme, collision_digit, fit_seconds, derived=None, item_rank=item_rank.to(codes))
+
+    def ordered_by(self, item_rank: Tensor, label: str) -> SemanticIDs:
+        """The same IDs with items sharing one ordered by ``item_rank`` (N+1,) (lower first) instead
+        of by item id: the collision digit (if any) is renumbered in that order, and the expansion
+        of a decoded ID to its items follows it. ``label`` names the order in the scheme."""
+        codes = self.codes.clone()
+        sizes = self.codebook_sizes
+        if self.collision_digit:
+            base = codes[1:, :-1].cpu()
+            codes[1:, -1] = _collision_ranks(base, sizes[:-1], sizes[-1], item_rank[1:].cpu()).to(codes.device)
+        return SemanticIDs(
+            codes, sizes, f"{self.scheme},item_order={label}", self.collision_digit, self.fit_seconds, item_rank
+        )
 
     # ---- construction helpers -------------------------------------------------------------
 
@@ -175,8 +198,10 @@ class SemanticIDs:
         collision_digit: bool,
         fit_seconds: float,
         derived: dict[str, Tensor] | None,
+        item_rank: Tensor,
     ) -> None:
         self.codes = codes  # (N+1, n)
+        self.item_rank = item_rank  # (N+1,)
         self.codebook_sizes: tuple[int, ...] = tuple(int(s) for s in sizes_t.tolist())
         self._sizes = sizes_t  # (n,) long, on the codes' device
         self.scheme = scheme
@@ -185,7 +210,7 @@ class SemanticIDs:
         if derived is None:
             derived = self._build_tables()
         self.item_keys: Tensor = derived["item_keys"]  # (N+1,), PAD -1
-        self.sorted_items: Tensor = derived["sorted_items"]  # (N,) items ordered by (key, item id)
+        self.sorted_items: Tensor = derived["sorted_items"]  # (N,) items ordered by (key, item_rank)
         self.unique_keys: Tensor = derived["unique_keys"]  # (U,) sorted
         self.group_start: Tensor = derived["group_start"]  # (U,) offset of the group in sorted_items
         self.group_size: Tensor = derived["group_size"]  # (U,) items per key
@@ -198,8 +223,11 @@ class SemanticIDs:
         codes = self.codes[1:]  # (N, n)
         n_items = codes.shape[0]
         keys = self.pack(codes)  # (N,)
-        # Stable sort: within a key, items stay in ascending id order (the expansion order).
-        sorted_keys, order = torch.sort(keys, stable=True)
+        # Items in rank order, then a stable sort by key: within a key, items stay in rank order
+        # (the expansion order).
+        by_rank = torch.sort(self.item_rank[1:], stable=True).indices  # (N,)
+        sorted_keys, within = torch.sort(keys[by_rank], stable=True)
+        order = by_rank[within]
         unique_keys, group_size = torch.unique_consecutive(sorted_keys, return_counts=True)
         group_start = torch.cumsum(group_size, 0) - group_size
         out = {
@@ -293,7 +321,8 @@ class SemanticIDs:
 
         Per row, in rank order: keys that are no real item's ID, or whose ``valid_mask`` is
         False, are dropped; repeated keys keep only their first (best-ranked) occurrence; each
-        remaining key expands to ALL its items in ascending item id order. The first ``k`` items
+        remaining key expands to ALL its items in ``item_rank`` order (ascending item id unless
+        :meth:`ordered_by` set another). The first ``k`` items
         of that list are returned, 0 (PAD) where there are fewer. Different keys have disjoint
         item sets, so the items are distinct.
 
@@ -360,6 +389,7 @@ class SemanticIDs:
             "collision_digit": torch.tensor(self.collision_digit),
             "fit_seconds": torch.tensor(self.fit_seconds, dtype=torch.float64),
             "scheme": torch.tensor(list(self.scheme.encode()), dtype=torch.uint8),
+            "item_rank": self.item_rank,
         }
         if include_derived:
             state |= {name: getattr(self, name) for name in _DERIVED}
@@ -390,6 +420,7 @@ class SemanticIDs:
             bool(state["collision_digit"]),
             float(state["fit_seconds"]),
             derived,
+            state["item_rank"] if "item_rank" in state else torch.arange(state["codes"].shape[0], device=state["codes"].device),
         )
         return obj
 
@@ -491,15 +522,20 @@ def _nearest(x: Tensor, centroids: Tensor, chunk: int = 16384) -> Tensor:
     return torch.cat(out)
 
 
-def _append_collision_digit(base: Tensor, codebook_sizes: tuple[int, ...], collision_size: int) -> Tensor:
-    """(N, L) codes -> (N, L+1): within each group of items sharing the L codes, number the items
-    0..c-1 in ascending item id order. Raises if a group has more than ``collision_size`` items."""
+def _collision_ranks(
+    base: Tensor, codebook_sizes: tuple[int, ...], collision_size: int, item_rank: Tensor | None = None
+) -> Tensor:
+    """(N, L) codes -> (N,): within each group of items sharing the L codes, number the items
+    0..c-1 in ``item_rank`` order (N,) (ascending item id when None). Raises if a group has more
+    than ``collision_size`` items."""
     radix = torch.tensor(codebook_sizes, dtype=torch.long)
     mult = torch.ones(len(codebook_sizes), dtype=torch.long)
     if len(codebook_sizes) > 1:
         mult[:-1] = torch.flip(torch.cumprod(torch.flip(radix[1:], (0,)), 0), (0,))
     keys = (base * mult).sum(1)  # (N,)
-    sorted_keys, order = torch.sort(keys, stable=True)  # ties keep ascending item order
+    by_rank = torch.arange(keys.numel()) if item_rank is None else torch.sort(item_rank, stable=True).indices
+    sorted_keys, within = torch.sort(keys[by_rank], stable=True)  # ties keep rank order
+    order = by_rank[within]
     new_group = torch.ones_like(sorted_keys, dtype=torch.bool)
     new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
     group_id = torch.cumsum(new_group.long(), 0) - 1
@@ -515,7 +551,12 @@ def _append_collision_digit(base: Tensor, codebook_sizes: tuple[int, ...], colli
             f"{members[:10].tolist()}{' ...' if members.numel() > 10 else ''}), more than the "
             f"collision digit's {collision_size} codes; raise codebook_size or use more levels"
         )
-    return torch.cat([base, rank.unsqueeze(1)], 1)
+    return rank
+
+
+def _append_collision_digit(base: Tensor, codebook_sizes: tuple[int, ...], collision_size: int) -> Tensor:
+    """(N, L) codes -> (N, L+1) with the collision digit in ascending item id order."""
+    return torch.cat([base, _collision_ranks(base, codebook_sizes, collision_size).unsqueeze(1)], 1)
 
 
 def _finish(
@@ -593,130 +634,6 @@ def fit_residual_kmeans(
     scheme = (
         f"rq-kmeans:levels={levels},k={codebook_size},niter={niter},seed={seed},"
         f"collision_digit={collision_digit}"
-    )
-    return _finish(base, (codebook_size,) * levels, collision_digit, codebook_size, scheme, start)
-
-
-# --------------------------------------------------------------------------------------------
-# RQ-VAE (TIGER original)
-# --------------------------------------------------------------------------------------------
-
-
-def _mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def _torch_kmeans(x: Tensor, k: int, niter: int, generator: torch.Generator) -> Tensor:
-    """Plain Lloyd k-means (random distinct initial points); empty clusters keep their centre."""
-    centres = x[torch.randperm(x.shape[0], generator=generator)[:k]].clone()  # (k, d)
-    for _ in range(niter):
-        assign = _nearest(x, centres)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-    return centres
-
-
-class _RQVAE(nn.Module):
-    """MLP autoencoder with residual vector quantisation of the latent (private to fit_rqvae)."""
-
-    def __init__(
-        self, dim: int, hidden: tuple[int, ...], latent: int, levels: int, codebook_size: int
-    ) -> None:
-        super().__init__()
-        self.encoder = _mlp([dim, *hidden, latent])
-        self.decoder = _mlp([latent, *reversed(hidden), dim])
-        self.codebooks = nn.Parameter(torch.zeros(levels, codebook_size, latent))  # (L, K, latent)
-
-    def quantise(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z (B, latent) -> codes (B, L), quantised latent (B, latent), codebook+commitment terms."""
-        residual, quantised = z, torch.zeros_like(z)
-        codes, vq_terms = [], []
-        for level in range(self.codebooks.shape[0]):
-            book = self.codebooks[level]  # (K, latent)
-            code = _nearest(residual.detach(), book.detach())
-            e = book[code]  # (B, latent)
-            # codebook term pulls e to the residual, commitment term (x beta later) the reverse
-            vq_terms.append(
-                torch.stack(
-                    [
-                        ((residual.detach() - e) ** 2).sum(1).mean(),
-                        ((residual - e.detach()) ** 2).sum(1).mean(),
-                    ]
-                )
-            )
-            quantised = quantised + e
-            residual = residual - e
-            codes.append(code)
-        return torch.stack(codes, 1), quantised, torch.stack(vq_terms).sum(0)
-
-
-def fit_rqvae(
-    embeddings: Tensor,
-    train_item_mask: Tensor,
-    levels: int = 3,
-    codebook_size: int = 256,
-    latent_dim: int = 32,
-    hidden: tuple[int, ...] = (512, 256, 128),
-    steps: int = 3000,
-    batch_size: int = 1024,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    beta: float = 0.25,
-    collision_digit: bool = True,
-    seed: int = 0,
-) -> SemanticIDs:
-    """TIGER's RQ-VAE tokenizer, compact, on the CPU.
-
-    Encoder MLP D -> 512 -> 256 -> 128 -> 32 (ReLU), mirrored decoder, ``levels`` residual
-    codebooks of ``codebook_size`` x 32, initialised by k-means on the first batch's residuals.
-    Loss = ||x - dec(z_q)||^2 + sum_l ||sg[r_l] - e_l||^2 + beta ||r_l - sg[e_l]||^2 with the
-    straight-through estimator. AdamW (lr 1e-3, wd 1e-4, as the EB re-implementation) rather
-    than the paper's Adagrad 0.4; ``steps`` minibatches of ``batch_size`` training items drawn
-    with replacement. Fitted on training items, then all items are encoded; optional collision
-    digit as in :func:`fit_residual_kmeans`.
-
-    Deterministic on the CPU: the weights, the batches and the k-means init come from ``seed``
-    (inside ``torch.random.fork_rng``, so the caller's global RNG state is left untouched).
-    """
-    start = time.perf_counter()
-    x, train_idx = _check_inputs(embeddings, train_item_mask)
-    _check_train_count(train_idx.numel(), codebook_size, "RQ-VAE")
-    x = x.to(torch.float32)
-    x_train = x[train_idx]  # (T, D)
-    batch_size = min(batch_size, x_train.shape[0])
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # module initialisation draws from the global RNG
-        model = _RQVAE(x.shape[1], tuple(hidden), latent_dim, levels, codebook_size)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    for step in range(steps):
-        batch = x_train[torch.randint(x_train.shape[0], (batch_size,), generator=generator)]  # (B, D)
-        z = model.encoder(batch)
-        if step == 0:  # k-means init of each level's codebook on the first batch
-            with torch.no_grad():
-                residual = z.detach().double()
-                for level in range(levels):
-                    centres = _torch_kmeans(residual, codebook_size, 10, generator)
-                    model.codebooks[level] = centres.float()
-                    residual = residual - centres[_nearest(residual, centres)]
-        _, quantised, (codebook_loss, commitment) = model.quantise(z)
-        z_st = z + (quantised - z).detach()  # straight-through: decoder grads flow to the encoder
-        recon = ((model.decoder(z_st) - batch) ** 2).sum(1).mean()
-        loss = recon + codebook_loss + beta * commitment
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        base, _, _ = model.quantise(model.encoder(x))
-    scheme = (
-        f"rqvae:levels={levels},k={codebook_size},latent={latent_dim},steps={steps},batch={batch_size},"
-        f"lr={lr},beta={beta},seed={seed},collision_digit={collision_digit}"
     )
     return _finish(base, (codebook_size,) * levels, collision_digit, codebook_size, scheme, start)
 
@@ -850,26 +767,6 @@ class ResidualKMeansConfig:
 
 
 @dataclass(frozen=True)
-class RQVAEConfig:
-    """Parameters of :func:`fit_rqvae`."""
-
-    levels: int = 3
-    codebook_size: int = 256
-    latent_dim: int = 32
-    hidden: tuple[int, ...] = (512, 256, 128)
-    steps: int = 3000
-    batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    beta: float = 0.25
-    collision_digit: bool = True
-    seed: int = 0
-
-    def fit(self, embeddings: Tensor, train_item_mask: Tensor) -> SemanticIDs:
-        return fit_rqvae(embeddings, train_item_mask, **asdict(self))
-
-
-@dataclass(frozen=True)
 class ParallelPQConfig:
     """Parameters of :func:`fit_parallel_pq` (DiffGRM PSE, default 4 x 256, no collision digit)."""
 
@@ -885,7 +782,7 @@ class ParallelPQConfig:
         return fit_parallel_pq(embeddings, train_item_mask, **asdict(self))
 
 
-SemanticIDConfig = ResidualKMeansConfig | RQVAEConfig | ParallelPQConfig
+SemanticIDConfig = ResidualKMeansConfig | ParallelPQConfig
 
 
 def cached_semantic_ids(
@@ -930,7 +827,7 @@ def ranked_codes_to_items(
     """Decoded IDs ranked best first -> the top-``k`` items (item-level ranking).
 
     Keys are packed (digit 0 most significant); keys of no item are dropped; a repeated key keeps
-    its best-ranked occurrence; each key expands to all its items in ascending item id
+    its best-ranked occurrence; each key expands to all its items in the IDs' item order
     (:meth:`SemanticIDs.expand_to_items`).
 
     Args:

@@ -4,7 +4,7 @@ import torch
 
 from datamodules.synthetic import SyntheticDataModule
 from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER, padding_slots, trim_left_padding
-from recbench.data import SUGGESTED_LENGTH_BUCKETS, CanonicalTables, LengthBucketSampler, SeqRecDataModule
+from recbench.data import DEFAULT_LENGTH_BUCKETS, CanonicalTables, LengthBucketSampler, SeqRecDataModule
 
 
 def _sequences(data: SyntheticDataModule) -> dict[int, list[int]]:
@@ -205,7 +205,7 @@ def test_bucketed_batches_serve_every_target_once_and_are_as_wide_as_their_longe
 
 
 def test_bucketed_batches_are_a_function_of_the_seed_and_the_epoch() -> None:
-    data = SyntheticDataModule(scale=0.02, batch_size=32, train_format="pairs", length_buckets=SUGGESTED_LENGTH_BUCKETS)
+    data = SyntheticDataModule(scale=0.02, batch_size=32, train_format="pairs", length_buckets=DEFAULT_LENGTH_BUCKETS)
     data.setup()
 
     def users(seed: int, epoch: int) -> list[list[int]]:
@@ -235,7 +235,7 @@ def test_ddp_ranks_get_disjoint_shares_with_equal_step_counts(world: int) -> Non
 
 def test_bucketing_lowers_the_padding_share_and_is_recorded() -> None:
     shares = {}
-    for buckets in (None, SUGGESTED_LENGTH_BUCKETS):
+    for buckets in (None, DEFAULT_LENGTH_BUCKETS):
         data = SyntheticDataModule(scale=0.05, batch_size=64, train_format="pairs", length_buckets=buckets)
         data.setup()
         padded = total = 0
@@ -246,5 +246,28 @@ def test_bucketing_lowers_the_padding_share_and_is_recorded() -> None:
             padded, total = padded + slots[0], total + slots[1]
         shares[buckets] = padded / total
         assert data.describe()["length_buckets"] == buckets
-    print(f"padding share: random batches {shares[None]:.3f}, {SUGGESTED_LENGTH_BUCKETS} buckets {shares[SUGGESTED_LENGTH_BUCKETS]:.3f}")
-    assert shares[SUGGESTED_LENGTH_BUCKETS] < 0.25 < 0.6 < shares[None]
+    print(f"padding share: random batches {shares[None]:.3f}, {DEFAULT_LENGTH_BUCKETS} buckets {shares[DEFAULT_LENGTH_BUCKETS]:.3f}")
+    assert shares[DEFAULT_LENGTH_BUCKETS] < 0.25 < 0.6 < shares[None]
+
+
+def test_sequence_batches_hold_equal_target_counts_so_every_target_weighs_alike() -> None:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.cat([torch.randint(2, 6, (900,), generator=generator), torch.randint(30, 52, (100,), generator=generator)])
+    targets = lengths - 1
+    sampler = LengthBucketSampler(lengths, batch_size=32, buckets=8, seed=1, targets=targets)
+    batches = sampler.epoch_batches(0)
+    assert sorted(int(i) for batch in batches for i in batch) == list(range(len(lengths)))  # each row once
+    per_batch = torch.tensor([int(targets[batch].sum()) for batch in batches])
+    budget = sampler.target_budget
+    assert budget == round(32 * float(targets.double().mean()))
+    full = per_batch[per_batch >= budget // 2]
+    # every batch but the last holds about one budget of targets (one row can overshoot it)
+    assert len(full) >= len(batches) - 1 and bool((full <= budget + int(targets.max())).all())
+    # short rows ride in bigger batches: the row count falls with the rows' length
+    short = [len(b) for b in batches if int(lengths[b].max()) <= 5]
+    long = [len(b) for b in batches if int(lengths[b].min()) >= 30]
+    assert short and long and min(short) > 3 * max(long)
+    assert len(sampler) == len(batches)
+    # pairs view (one target per row): plain batch_size rows, as before
+    pairs = LengthBucketSampler(lengths, batch_size=32, buckets=8, seed=1).epoch_batches(0)
+    assert sorted(len(b) for b in pairs)[1:] == [32] * (len(pairs) - 1)

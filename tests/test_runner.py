@@ -295,3 +295,15 @@ def test_a_saved_run_config_reruns_to_the_same_row(tensorboard_bench: Path) -> N
     (again,) = read_rows(tensorboard_bench / "again" / "synthetic-x0.02.csv")
     for column in (*KEY_COLUMNS, *METRIC_COLUMNS, "epochs", "best_epoch", "config_hash", "data_fingerprint"):
         assert again[column] == row[column], column
+
+
+def test_a_profile_sets_the_training_batch_size_and_records_compilation(tmp_path: Path) -> None:
+    profile = tmp_path / "big.yaml"
+    profile.write_text("name: big\nmax_epochs: 1\npatience: 1\nval_subset: 20\nlimit_train_batches: 1\nbatch_size: 7\n")
+    result = _bench(tmp_path, "--profile", str(profile), "--models", "sasrec")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (row,) = read_rows(tmp_path / "results" / "synthetic-x0.02.csv")
+    assert json.loads(row["notes"])["compiled"] is False
+    (config,) = (tmp_path / "results" / "runs").glob("*/config.json")
+    resolved = json.loads(config.read_text())
+    assert resolved["data"]["batch_size"] == 7 and resolved["profile"]["batch_size"] == 7

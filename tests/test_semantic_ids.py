@@ -21,7 +21,6 @@ from recbench.semantic_ids import (
     faiss_threads,
     fit_parallel_pq,
     fit_residual_kmeans,
-    fit_rqvae,
 )
 
 
@@ -81,20 +80,6 @@ def test_parallel_pq_is_deterministic() -> None:
     assert "pca=32(clamped from 256)" in a.scheme  # D=32 < 256 is said in the scheme
     plain = fit_parallel_pq(emb, mask, n_digits=4, codebook_size=16, pca_dim=16, use_opq=False)
     assert "pca=16," in plain.scheme and "opq=False" in plain.scheme
-
-
-def test_rqvae_is_deterministic_and_leaves_global_rng_alone() -> None:
-    emb, mask = random_embeddings(n=300, dim=16), train_mask(300)
-    state = torch.random.get_rng_state()
-    kwargs = dict(levels=2, codebook_size=8, steps=15, batch_size=128, collision_digit=False, seed=5)
-    a = fit_rqvae(emb, mask, **kwargs)
-    b = fit_rqvae(emb, mask, **kwargs)
-    assert torch.equal(a.codes, b.codes)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert a.codes.shape == (301, 2)
-
-
-# ---- IDs <-> items -----------------------------------------------------------------------
 
 
 def test_item_id_item_round_trip_with_collision_digit() -> None:
@@ -166,6 +151,30 @@ def test_expand_to_items_hand_case() -> None:
     assert look.valid.tolist() == [True, True, True, False, False, False]
     assert look.item.tolist() == [1, 2, 4, 0, 0, 0]
     assert look.count.tolist() == [3, 2, 1, 0, 0, 0]
+
+
+def test_items_sharing_an_id_follow_the_given_rank() -> None:
+    sids = hand_ids()  # key 0 -> items 1, 3, 6; key 1 -> 2, 5; key 2 -> 4
+    rank = torch.tensor([0, 5, 4, 3, 6, 0, 1])  # item 6 before 3 before 1; item 5 before 2
+    ordered = sids.ordered_by(rank, "test")
+    assert torch.equal(ordered.expand_to_items(torch.tensor([[0, 1]]), None, k=5), torch.tensor([[6, 3, 1, 5, 2]]))
+    assert torch.equal(ordered.codes, sids.codes) and ordered.scheme.endswith("item_order=test")
+    restored = SemanticIDs.from_state_dict(ordered.state_dict(include_derived=False))
+    assert torch.equal(restored.sorted_items, ordered.sorted_items)  # the order survives a checkpoint
+
+
+def test_collision_digit_follows_the_rank() -> None:
+    emb = random_embeddings(n=200)
+    for item in (20, 5, 9):
+        emb[item] = emb[150]
+    sids = fit_residual_kmeans(emb, train_mask(200), levels=2, codebook_size=8)
+    same_base = (sids.codes[1:, :2] == sids.codes[150, :2]).all(1).nonzero().squeeze(1) + 1
+    rank = torch.arange(201).flip(0)  # the highest item id first
+    ordered = sids.ordered_by(rank, "reverse id")
+    assert torch.equal(ordered.codes[same_base.flip(0), 2], torch.arange(same_base.numel()))
+    assert ordered.keys[1:].unique().numel() == 200  # still one ID per item
+    # a decoded ID maps to the same item as before the renumbering: the codes moved with the items
+    assert torch.equal(ordered.items_for_keys(ordered.keys[1:]).item, torch.arange(1, 201))
 
 
 def test_pack_marks_out_of_range_codes_invalid() -> None:
@@ -288,3 +297,25 @@ def test_cached_semantic_ids(tmp_path: Path) -> None:
     cached_semantic_ids(emb, mask, ParallelPQConfig(codebook_size=8, pca_dim=16), tmp_path)
     assert len(list(tmp_path.glob("sid_*.pt"))) == 3
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_semantic_ids_for_orders_shared_ids_by_training_popularity(tmp_path: Path) -> None:
+    from datamodules.synthetic import SyntheticDataModule
+    from recbench.item_side import item_embeddings_for, semantic_ids_for
+    from recbench.semantic_ids import ParallelPQConfig
+
+    data = SyntheticDataModule(scale=0.02, cache_dir=tmp_path)
+    embeddings = item_embeddings_for(data, source="collaborative", collaborative_dim=8, cache_dir=tmp_path, show_progress=False)
+    config = ParallelPQConfig(n_digits=2, codebook_size=4, pca_dim=8, use_opq=False)
+    by_id = semantic_ids_for(data, config, embeddings, cache_dir=tmp_path, item_order="item_id")
+    by_popularity = semantic_ids_for(data, config, embeddings, cache_dir=tmp_path)
+    assert torch.equal(by_id.codes, by_popularity.codes)  # 16 IDs for ~600 items: large groups
+    counts = data.train_item_counts()
+    assert counts[0] == 0 and int(counts.sum()) == data.train_sequences()[0].numel()
+    key = int(by_id.keys[1:].mode().values)  # the largest group
+    items = by_id.expand_to_items(torch.tensor([[key]]), None, k=400)[0]
+    popular = by_popularity.expand_to_items(torch.tensor([[key]]), None, k=400)[0]
+    real = popular[popular > 0]
+    assert sorted(real.tolist()) == sorted(items[items > 0].tolist())  # the same items ...
+    assert torch.equal(items[items > 0], real.sort().values)  # ... by id before
+    assert bool((counts[real][:-1] >= counts[real][1:]).all()) and not torch.equal(real, real.sort().values)

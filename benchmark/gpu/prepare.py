@@ -72,6 +72,7 @@ from benchmark.registry import instantiate_data, instantiate_model, resolve_conf
 from benchmark.run import Profile, git_commit, load_profile, model_config_for
 from recbench.data import SeqRecDataModule
 from recbench.model import SeqRecModel
+from recbench.semantic_id_model import SemanticIDModel
 from recbench.text import DEFAULT_ENCODER, default_text_fields
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,14 +214,12 @@ def tree_bytes(root: Path = ROOT) -> int:
 # ---------------------------------------------------------------------- item side
 def needs_item_side(model: SeqRecModel) -> bool:
     """Semantic-ID models (TIGER, DiffGRM) read item embeddings and IDs built from the data."""
-    return hasattr(model, "fit_semantic_ids") or hasattr(model, "build_semantic_ids")
+    return isinstance(model, SemanticIDModel)
 
 
 def build_item_side(model: SeqRecModel, data: SeqRecDataModule) -> None:
     """Build (or load from the cache) the model's embeddings and semantic IDs, as its setup does."""
-    if hasattr(model, "fit_semantic_ids"):
-        model.fit_semantic_ids(data)
-    else:
+    if isinstance(model, SemanticIDModel):
         model.build_semantic_ids(data)
 
 

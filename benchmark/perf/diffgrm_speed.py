@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if not isinstance(model, DiffGRM):
             raise SystemExit(f"{args.config} is not a DiffGRM config")
         torch.manual_seed(0)
-        model.build_semantic_ids(data)
+        model.set_semantic_ids(*model.build_semantic_ids(data))
     model = model.to(device).eval()
     histories = torch.cat([batch["history"] for batch in data.test_dataloader()])[: args.users]
     beams = [int(b) for b in args.beams.split(",")]

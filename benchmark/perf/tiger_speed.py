@@ -57,7 +57,7 @@ def main() -> None:
     if not isinstance(model, TIGER):
         raise SystemExit(f"{args.model} is a {type(model).__name__}, not a TIGER model")
     started = time.perf_counter()
-    model.set_semantic_ids(*model.fit_semantic_ids(data))  # untimed below; cached on disk
+    model.set_semantic_ids(*model.build_semantic_ids(data))  # untimed below; cached on disk
     sid_seconds = time.perf_counter() - started
     model = model.to(device)
 

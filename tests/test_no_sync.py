@@ -1,0 +1,111 @@
+"""No host-device synchronisation inside a training step or a decoding step (issue 13, GPU hot path).
+
+On CPU the proof runs on the ``meta`` device: a meta tensor has a shape and a dtype but no values,
+so every operation whose result depends on values on the host (``.item()``, ``bool(t)``,
+``int(t)``, ``.tolist()``, ``nonzero``, boolean-mask indexing, ``unique``) raises there, while
+shape-only work (embeddings, matmuls, attention, ``where``, ``topk``, random draws) runs. A model
+whose step runs on meta therefore reads nothing back from the device in that step; on a GPU the
+same step would not synchronise. The models take the device's branch (``device.type != "cpu"``),
+so this checks the GPU path. With CUDA, :func:`test_steps_do_not_synchronise_on_cuda` checks the
+same with ``torch.cuda.set_sync_debug_mode("error")``.
+
+Each semantic-ID model adds itself to :data:`STEP_CHECKS` with its own tiny set-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from baselines.dreamrec import DreamRec
+from benchmark.registry import instantiate_model
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER, Batch
+from recbench.model import SeqRecModel
+
+NUM_ITEMS, MAX_LEN, BATCH = 40, 8, 6
+
+
+def _left_padded(rows: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    items = torch.randint(1, NUM_ITEMS + 1, (rows, width), generator=generator)
+    real = torch.arange(width).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+    return torch.where(real, items, torch.full_like(items, PAD_ID))
+
+
+def _batch(model: SeqRecModel) -> Batch:
+    generator = torch.Generator().manual_seed(0)
+    if model.training_view == "sequence":
+        sequence = _left_padded(BATCH, MAX_LEN + 1, generator)
+        sequence[:, -2:] = torch.randint(1, NUM_ITEMS + 1, (BATCH, 2), generator=generator)  # >= 1 target
+        return {SEQUENCE: sequence, USER: torch.arange(BATCH)}
+    history = _left_padded(BATCH, MAX_LEN, generator)
+    return {HISTORY: history, TARGET: torch.randint(1, NUM_ITEMS + 1, (BATCH,), generator=generator), USER: torch.arange(BATCH)}
+
+
+def _small(name: str) -> SeqRecModel:
+    overrides: dict[str, dict[str, object]] = {
+        "sasrec": {"hidden_size": 16},
+        "sasrec_bce1": {"hidden_size": 16},
+        "dreamrec": {"hidden_size": 16, "timesteps": 5},
+    }
+    return instantiate_model(name, NUM_ITEMS, MAX_LEN, **overrides.get(name, {}))
+
+
+def _decode(model: SeqRecModel, history: torch.Tensor) -> torch.Tensor:
+    """A decoding step. DreamRec's on meta: its T-step sampler; its nearest-item index is built once
+    per evaluation (that build reads the allowed-item mask back), then searched by matmul + top-k."""
+    if isinstance(model, DreamRec) and history.device.type == "meta":
+        return model.generate(history)
+    return model.recommend(history, 5)
+
+
+def _run_step(model: SeqRecModel, device: torch.device) -> None:
+    """One training step (loss + backward) and one decoding step on ``device``."""
+    batch = {key: value.to(device) for key, value in _batch(model).items()}
+    model = model.to(device).train()
+    loss = model.loss(batch)
+    loss.backward()
+    model.eval()
+    history = batch[SEQUENCE][:, :-1] if SEQUENCE in batch else batch[HISTORY]
+    assert _decode(model, history).shape[0] == BATCH
+
+
+#: model config -> how to prepare it before the step (semantic-ID models install hand-made IDs).
+STEP_CHECKS: dict[str, Callable[[SeqRecModel], None]] = {
+    "sasrec": lambda model: None,
+    "sasrec_bce1": lambda model: None,
+    "dreamrec": lambda model: model.set_train_items(torch.ones(NUM_ITEMS + 1, dtype=torch.bool)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEP_CHECKS))
+def test_training_and_decoding_steps_read_nothing_back_from_the_device(name: str) -> None:
+    model = _small(name)
+    STEP_CHECKS[name](model)
+    _run_step(model, torch.device("meta"))
+
+
+def test_the_meta_check_can_fail() -> None:
+    """A step that reads a value back (here ``.item()``) raises on meta: the check has teeth."""
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.ones(3, device="meta").sum().item()
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        x = torch.ones(3, device="meta")
+        x[x > 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(STEP_CHECKS))
+def test_steps_do_not_synchronise_on_cuda(name: str) -> None:
+    model = _small(name)
+    STEP_CHECKS[name](model)
+    _run_step(model, torch.device("cuda"))  # warm-up: lazy tables, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run_step(model, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
