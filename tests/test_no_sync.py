@@ -14,6 +14,7 @@ Each semantic-ID model adds itself to :data:`STEP_CHECKS` with its own tiny set-
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -23,6 +24,8 @@ from baselines.dreamrec import DreamRec
 from benchmark.registry import instantiate_model
 from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, USER, Batch
 from recbench.model import SeqRecModel
+from recbench.semantic_id_model import SemanticIDModel
+from recbench.semantic_ids import SemanticIDs
 
 NUM_ITEMS, MAX_LEN, BATCH = 40, 8, 6
 
@@ -49,6 +52,7 @@ def _small(name: str) -> SeqRecModel:
         "sasrec": {"hidden_size": 16},
         "sasrec_bce1": {"hidden_size": 16},
         "dreamrec": {"hidden_size": 16, "timesteps": 5},
+        "diffgrm": {"hidden_size": 16, "num_heads": 2, "inner_size": 32, "codebook_size": 8},
     }
     return instantiate_model(name, NUM_ITEMS, MAX_LEN, **overrides.get(name, {}))
 
@@ -61,10 +65,23 @@ def _decode(model: SeqRecModel, history: torch.Tensor) -> torch.Tensor:
     return model.recommend(history, 5)
 
 
+def _lookup_on(sids: SemanticIDs, device: torch.device) -> SemanticIDs:
+    """The lookup tables' tensors on ``device`` (building them reads codes on the host, which a meta
+    tensor cannot; they are built once per evaluation, not in a step)."""
+    moved = copy.copy(sids)
+    for name, value in vars(sids).items():
+        if isinstance(value, torch.Tensor):
+            setattr(moved, name, value.to(device))
+    return moved
+
+
 def _run_step(model: SeqRecModel, device: torch.device) -> None:
     """One training step (loss + backward) and one decoding step on ``device``."""
     batch = {key: value.to(device) for key, value in _batch(model).items()}
+    lookup = model.semantic_ids if isinstance(model, SemanticIDModel) else None
     model = model.to(device).train()
+    if lookup is not None and device.type == "meta":
+        model._sids = _lookup_on(lookup, device)
     loss = model.loss(batch)
     loss.backward()
     model.eval()
@@ -77,6 +94,10 @@ STEP_CHECKS: dict[str, Callable[[SeqRecModel], None]] = {
     "sasrec": lambda model: None,
     "sasrec_bce1": lambda model: None,
     "dreamrec": lambda model: model.set_train_items(torch.ones(NUM_ITEMS + 1, dtype=torch.bool)),
+    # Hand-made IDs (4 digits x 8 codes); DiffGRM's own test also covers its other maskings.
+    "diffgrm": lambda model: model.set_semantic_ids(
+        SemanticIDs(torch.randint(0, 8, (NUM_ITEMS + 1, 4), generator=torch.Generator().manual_seed(0)), (8,) * 4, "hand-made")
+    ),
 }
 
 
