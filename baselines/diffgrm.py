@@ -10,8 +10,8 @@ beam (CPD), and decoded IDs are mapped to items (metrics are item-level). Every 
 
 The encoder stays bidirectional with one pass per (history, target) pair, as in the paper: a
 one-pass-per-user sequence view would need a causal encoder (a different model), and the encoder is
-only 27-38% of a quick Beauty training step (measured, bucketed / unbucketed); the decoder, paid
-per target either way, is the rest.
+only 21-38% of a quick Beauty training step (measured, bucketed / unbucketed batches); the decoder,
+paid per target either way, is the rest.
 
 Hot paths: on CPU the encoder runs on the packed real history items; on any other device it runs on
 the padded grid, because finding the real items (``nonzero``) costs a host synchronisation per step;
