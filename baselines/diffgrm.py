@@ -464,7 +464,7 @@ class DiffGRM(SemanticIDModel):
             "decode_order": self.decode_order,
             "fixed_digit_order": self.fixed_digit_order if self.decode_order == "fixed" else None,
             "merge_duplicate_beams": self.merge_duplicate_beams,
-            "decoding": "unconstrained CPD beam, illegal IDs dropped, collisions expanded (ascending item id)",
+            "decoding": "unconstrained CPD beam, illegal IDs dropped, collisions expanded in the IDs' item order",
             "metrics_level": "item",
             "cross_attention_padding_mask": True,
             "warmup_steps": self._schedule.warmup_steps if self._schedule else self.warmup_steps,

@@ -25,7 +25,8 @@ decode-time operations, all vectorised torch with no Python loop over users or b
   ``key // prod(codebook_sizes[l:])``. The PAD / invalid key is ``-1``;
 * key -> item(s) through a sorted key table and ``torch.searchsorted``;
 * ranked keys -> the top-k distinct items (invalid dropped, duplicates dropped, colliding keys
-  expanded to all their items in ascending item id order);
+  expanded to all their items in the IDs' item order: ascending item id, or a rank such as
+  training popularity set by :meth:`SemanticIDs.ordered_by`);
 * per-level prefix masks for constrained beam search: which next codes lead to a real item.
 
 Row 0 of every per-item table is PAD: its codes are all ``PAD_CODE`` (-1) and its key is -1.
@@ -607,7 +608,8 @@ def fit_residual_kmeans(
     ``codebook_size`` centres on the level-l residuals of the **training items only**; every item
     1..N is then assigned to its nearest centre (exact float64) and its residual updated. With
     ``collision_digit`` a last digit numbers the items sharing the ``levels`` codes 0..c-1 in
-    ascending item id order, so every ID is unique; a group larger than ``codebook_size`` raises.
+    ascending item id order (re-ordered afterwards by :meth:`SemanticIDs.ordered_by`, e.g. by training
+    popularity), so every ID is unique; a group larger than ``codebook_size`` raises.
 
     Deterministic: same inputs, same machine and thread count -> bit-identical codes (faiss
     k-means is seeded; the assignment is ours).
