@@ -35,7 +35,6 @@ Neither path reads a device tensor on the host inside ``loss`` or a decoding ste
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -54,8 +53,6 @@ from recbench.nn import TransformerBlock, causal_padding_mask
 from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
 from recbench.semantic_ids import PAD_CODE, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
-
-log = logging.getLogger(__name__)
 
 Architecture = Literal["encoder_decoder", "causal"]
 EncoderInput = Literal["flat", "item"]
@@ -106,21 +103,10 @@ class _TigerNetwork(nn.Module):
     """Encoder + digit decoder over SID tokens; works in code space ((..., n) codes, ``PAD_CODE`` = none)."""
 
     def __init__(
-        self,
-        n_digits: int,
-        codebook_size: int,
-        history_items: int,
-        architecture: Architecture,
-        encoder_input: EncoderInput,
-        hidden_size: int,
-        encoder_layers: int,
-        decoder_layers: int,
-        num_heads: int,
-        head_dim: int | None,
-        ffn_size: int,
-        dropout: float,
-        output_head: OutputHead,
-    ) -> None:
+        self, n_digits: int, codebook_size: int, history_items: int, architecture: Architecture,
+        encoder_input: EncoderInput, hidden_size: int, encoder_layers: int, decoder_layers: int, num_heads: int,
+        head_dim: int | None, ffn_size: int, dropout: float, output_head: OutputHead,
+    ) -> None:  # fmt: skip
         super().__init__()
         n, K, d = n_digits, codebook_size, hidden_size
         self.n_digits, self.codebook_size, self.hidden_size = n, K, d
@@ -367,30 +353,16 @@ class TIGER(SeqRecModel):
         self.training_view = "sequence" if architecture == "causal" else "pairs"  # type: ignore[misc]
         self.n_digits = levels + int(collision_digit)
         self.history_items = min(history_items, max_len)  # the data never supplies more
-        self.beam_size = beam_size
-        self.constrained = constrained
-        self.label_smoothing = label_smoothing
-        self.embedding_source = embedding_source
-        self.text_encoder = text_encoder
+        self.beam_size, self.constrained, self.label_smoothing = beam_size, constrained, label_smoothing
+        self.embedding_source, self.text_encoder = embedding_source, text_encoder
         self.collaborative_dim = collaborative_dim
         self.levels, self.codebook_size, self.collision_digit = levels, codebook_size, collision_digit
         self.sid_seed, self.kmeans_iters = sid_seed, kmeans_iters
         self.optimizer_name, self.lr_schedule, self.warmup_steps = optimizer, lr_schedule, warmup_steps
         self.network = _TigerNetwork(
-            self.n_digits,
-            codebook_size,
-            self.history_items,
-            architecture,
-            encoder_input,
-            hidden_size,
-            encoder_layers,
-            decoder_layers,
-            num_heads,
-            head_dim,
-            ffn_size,
-            dropout,
-            output_head,
-        )
+            self.n_digits, codebook_size, self.history_items, architecture, encoder_input, hidden_size,
+            encoder_layers, decoder_layers, num_heads, head_dim, ffn_size, dropout, output_head,
+        )  # fmt: skip
         # Item codes (N + 1, n) and the effective codes per digit (n,): persistent buffers, so a
         # checkpoint decodes without the datamodule or the item-side cache. PAD_CODE / 0 = not set.
         self.register_buffer(
@@ -521,8 +493,10 @@ class TIGER(SeqRecModel):
         (both architectures): one target per row. Sequence batches (causal): every target at once."""
         if not self.has_semantic_ids:
             raise RuntimeError("TIGER.loss before setup(): the semantic IDs are not built")
+        if SEQUENCE in batch and self._packed(batch[SEQUENCE]):
+            return self._grouped_sequence_loss(batch[SEQUENCE])
         if SEQUENCE in batch:
-            logits, codes = self.sequence_logits(batch[SEQUENCE])  # (..., n, K), (..., n)
+            logits, codes = self.sequence_logits(batch[SEQUENCE], packed=False)  # (B, L, n, K), (B, L, n)
         else:
             codes = self.sid_codes[batch[TARGET]].unsqueeze(1)  # (B, 1, n)
             memory = self._encode(batch[HISTORY])
@@ -535,6 +509,23 @@ class TIGER(SeqRecModel):
             ignore_index=PAD_CODE,
             label_smoothing=self.label_smoothing,
         )
+
+    def _grouped_sequence_loss(self, sequence: Tensor, group: int = 32) -> Tensor:
+        """The CPU path of the sequence loss: users sorted by window length in groups of ``group``,
+        each group trimmed to its longest window and packed. The (rows x digits) x memory attention
+        grids then shrink with the group (a batch's longest window is ~50 on Beauty, the median ~5),
+        while the loss stays the same mean over all real (target, digit) pairs of the batch."""
+        lengths = (sequence != PAD_ID).sum(1)  # (B,)
+        order = lengths.argsort(descending=True)
+        total, count = sequence.new_zeros((), dtype=torch.float), 0
+        for rows in order.split(group):  # B / group iterations, not users
+            width = max(int(lengths[rows[0]]), 2)  # host read: free on CPU
+            logits, codes = self.sequence_logits(sequence[rows, -width:], packed=True)  # (M, n, K), (M, n)
+            total = total + F.cross_entropy(
+                logits.float().flatten(0, 1), codes.flatten(), label_smoothing=self.label_smoothing, reduction="sum"
+            )
+            count += codes.numel()
+        return total / count
 
     def sequence_logits(self, sequence: Tensor, packed: bool | None = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced logits of every target of left-padded windows (B, L + 1), one encoder pass.
@@ -566,12 +557,8 @@ class TIGER(SeqRecModel):
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, object]:
         parameters = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_name == "adafactor":
-            optimizer: torch.optim.Optimizer = torch.optim.Adafactor(
-                parameters, lr=self.lr, weight_decay=self.weight_decay
-            )
-        else:
-            optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        kind = torch.optim.Adafactor if self.optimizer_name == "adafactor" else torch.optim.AdamW
+        optimizer: torch.optim.Optimizer = kind(parameters, lr=self.lr, weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
         schedule = sized_schedule(self.lr_schedule, self.warmup_steps, float(self.trainer.estimated_stepping_batches))
@@ -588,14 +575,9 @@ class TIGER(SeqRecModel):
         def step(t: int, prefix: Tensor, parents: Tensor | None) -> Tensor:
             return self.network.decode_step(state, t, prefix, parents)
 
-        return beam_search(
-            step,
-            history.shape[0],
-            sids,
-            self.beam_size if beam_size is None else beam_size,
-            self.constrained if constrained is None else constrained,
-            device=history.device,
-        )
+        beam_size = self.beam_size if beam_size is None else beam_size
+        constrained = self.constrained if constrained is None else constrained
+        return beam_search(step, history.shape[0], sids, beam_size, constrained, device=history.device)
 
     @torch.no_grad()
     def recommend(self, history: Tensor, k: int) -> Tensor:
