@@ -1,215 +1,75 @@
-"""TIGER-style generative retrieval (Rajput et al., NeurIPS 2023, arXiv
-2305.05065), after the paper and the re-implementations GRID (snap-research/GRID) and AR_GRM
-(liuzhao09/DiffGRM).
+"""TIGER-style generative retrieval (Rajput et al., NeurIPS 2023, arXiv 2305.05065), after the paper
+and the re-implementations GRID and AR_GRM. Full description, measurements and deviations from the
+paper: ``docs/models/tiger.md``.
 
-Two stages, with ``n`` digits per semantic ID (SID), ``K`` codes per digit and ``d`` the width:
+Item side: text (or co-occurrence) embeddings -> residual k-means ``levels`` x ``codebook_size`` plus
+a collision digit (``n`` digits, one item per ID), fitted on training items, kept in the persistent
+buffer ``sid_codes`` ``(N + 1, n)`` so that a checkpoint decodes without the data.
 
-1. **Item side** (one sentence encoder for every semantic-ID model). Item text -> sentence embeddings
-   (:func:`recbench.item_side.item_embeddings_for`; collaborative co-occurrence embeddings where a
-   dataset has no text, or when ``embedding_source="collaborative"``) -> residual k-means with
-   ``levels`` x ``codebook_size`` codes plus a collision digit (default 3 x 256 + 1, so ``n = 4``
-   and every ID is exactly one item), fitted on training items only
-   (:func:`recbench.item_side.semantic_ids_for`, cached on disk). The codes are a persistent buffer
-   ``sid_codes`` ``(N + 1, n)``, so a checkpoint decodes without the data or the cache; the lookup
-   tables (:class:`~recbench.semantic_ids.SemanticIDs`) are rebuilt lazily from it.
-2. **Sequence model**: a pre-LN transformer encoder-decoder
-   (:class:`~recbench.nn.TransformerBlock`, ReLU FFN).
+Sequence model: SID tokens ``1 + t K + c`` (0 = PAD), a learned context token before the history (in
+TIGER's user-token slot), and a digit decoder ``[BOS, e(c_0), ..., e(c_{n-2})]`` (causal self-attention,
+cross-attention to the encoder, tied or per-digit output), mean cross-entropy over the digits.
 
-   * Vocabulary: one token per (digit, code), ``1 + t * K + c`` (per-digit offsets into one shared
-     table), token 0 = PAD. The vocabulary is sized by the *configured* ``codebook_size``, so the
-     parameter shapes never depend on the data (see *Small data* below).
-   * Encoder input (``encoder_input``): ``"flat"`` (default, TIGER) = the SID tokens of the last
-     ``history_items`` items, flattened (``history_items * n`` tokens), each token embedded as
-     token + learned position (over token positions, counted from the newest so that the newest
-     item always has the same positions) + learned digit type; ``"item"`` (AR_GRM/DiffGRM style)
-     = one token per item, the concatenation of its ``n`` digit embeddings through
-     ``Linear(n d, d) -> ReLU -> Linear(d, d)``, plus a learned item position. In both, a learned
-     *context token* is prepended; it stands where TIGER puts its hashed user token (the
-     ``recommend(history, k)`` contract carries no user id, so we use none) and keeps attention
-     defined for an empty history. Padding is masked as keys; the encoder is bidirectional.
-   * Decoder: ``[BOS, e(c_0), ..., e(c_{n-2})]`` + learned decoder positions, causal
-     self-attention, cross-attention to the encoder output; position ``t`` predicts digit ``t``.
-     Output (``output_head``): ``"tied"`` = dot product with digit ``t``'s slice of the shared
-     token table (AR_GRM), or ``"separate"`` = one ``(K, d)`` head per digit (GRID); both with a
-     per-digit bias.
-   * Loss: cross-entropy averaged over the ``n`` digits, optional ``label_smoothing``.
+* ``architecture="encoder_decoder"`` (TIGER): bidirectional encoder over the last ``history_items``
+  items (``encoder_input`` ``"flat"`` SID tokens or one ``"item"`` MLP token per item), trained on
+  (history, target) pairs: one encoder pass per target.
+* ``architecture="causal"``: causal item-level encoder over a user's whole window, every target
+  trained in ONE pass; the decoder row of the target after item ``t`` cross-attends to encoder
+  positions ``<= t`` only, so each target's loss is exactly its pairs loss (tested). The quick
+  default: on Beauty it reached val NDCG@10 0.0108 / 0.0156 after 92 / 205 s of training (51 s/epoch)
+  vs 440 s/epoch for the flat encoder-decoder (figures: ``benchmark/configs/model/tiger.yaml``).
 
-3. **Decoding**: :func:`beam_search`, batched over users x beams, a
-   loop over the ``n`` digits only. At every digit the log-probabilities (log-softmax over all
-   ``K`` codes, *not* renormalised over the allowed ones, so a beam's score is the model's joint
-   log-probability of the ID) of codes that extend the prefix to no real item are set to
-   ``-inf`` (``constrained=True``, :meth:`~recbench.semantic_ids.PrefixTable.lookup`), then the
-   best ``beam_size`` children of all beams are kept. Finished beams map to items
-   (:meth:`~recbench.semantic_ids.SemanticIDs.expand_to_items`: invalid IDs dropped, duplicates
-   dropped, collisions expanded). ``constrained=False`` decodes freely and drops invalid IDs
-   afterwards, as GRID's default and AR_GRM do; either way the invalid decoded IDs are counted in
-   ``decode_stats`` (``val/ test/invalid_id_rate``; 0 by construction when constrained).
-   The decoder runs one token per step with a KV cache (:class:`_DecodeState`): self-attention
-   keys/values of past steps are kept and re-ordered by parent beam; the cross-attention keys and
-   values are computed once per user and never copied per beam, because the ``w`` beams of a user
-   are fed to attention as ``w`` queries of the same user (``(B, H, w, Dh)`` against
-   ``(B, H, S, Dh)``).
-
-   With ``beam_size`` at least the number of valid IDs the search is exact (every valid prefix
-   survives every step); smaller beams are the usual approximation. ``recommend(history, k)`` returns at
-   most ``beam_size`` items (the rest is padded with 0), so keep ``beam_size >= max(ks) = 20``
-   (and ``>= 20 + L`` for exact history-excluded test metrics; narrower beams make those
-   approximate, and the share of short excluded lists is reported).
-
-Speed (exact): the encoder runs its projections and FFN on the real tokens only (padding is most
-of a left-padded batch; :meth:`~recbench.nn.TransformerBlock.forward_packed`), the loss is one (B x n x K) cross-entropy,
-and decoding touches the encoder once per user and the decoder once per digit with a KV cache.
-
-Small data. Residual k-means needs at least ``codebook_size`` training items. When the training
-split has fewer (e.g. the 240-item test slice of the synthetic data), ``setup`` falls back to the
-largest power of two not above the number of training items, logs a WARNING and records it in
-``run_notes()`` (``codebook_fallback``). Codes then use the first ``K_eff`` entries of each digit's
-vocabulary slice; the rest is never a target and, when constrained, never decoded.
-
-Optimisation (``configure_optimizers``): AdamW (default) or Adafactor, with ``lr_schedule``
-``"constant"`` (optional linear warm-up), ``"inverse_sqrt"`` (T5/TIGER: the base rate for the first
-``warmup_steps`` steps, then ``lr * sqrt(warmup_steps / step)``) or ``"cosine"`` (linear warm-up,
-then cosine to 0 over the run, AR_GRM), all from the shared :func:`recbench.schedules.sized_schedule`,
-sized from the optimiser steps the profile allows (warm-up at most half of them). Note that torch's Adafactor already scales its step by
-``min(lr, 1 / sqrt(t))``: with ``lr=0.01`` and a constant schedule it *is* T5's "0.01 for 10k steps,
-then inverse square root" (the TIGER paper's schedule), so do not stack ``inverse_sqrt`` on it.
-
-Deviations from TIGER, all deliberate: no user tokens (above); residual k-means instead of the
-RQ-VAE (cheaper, and still one unique ID per item); the same sentence encoder as every other SID
-model (all-MiniLM-L6-v2 offline by default; ``text_encoder``) rather than Sentence-T5; pre-LN with
-learned absolute positions rather than T5's relative position buckets.
+Decoding: :func:`recbench.beam.beam_search` (constrained, KV cache, memory keys/values once per user).
+On CPU the encoder, memory keys/values and decoder rows run on real tokens only (``nonzero``); a GPU
+runs the padded path, since a packed size costs a host synchronisation per step and length-bucketed
+GPU batches leave little padding. ``loss`` and decoding steps never read a device tensor (tested).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recbench.batch import HISTORY, TARGET, Batch, trim_left_padding
+from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, Batch
+from recbench.beam import BeamResult, beam_search
 from recbench.data import SeqRecDataModule
 from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
-from recbench.nn import TransformerBlock
+from recbench.nn import TransformerBlock, causal_padding_mask
 from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
 from recbench.semantic_id_model import SemanticIDModel
-from recbench.semantic_ids import INVALID_KEY, ResidualKMeansConfig, SemanticIDs
+from recbench.semantic_ids import PAD_CODE, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
 
-log = logging.getLogger(__name__)
-
+Architecture = Literal["encoder_decoder", "causal"]
 EncoderInput = Literal["flat", "item"]
 OutputHead = Literal["tied", "separate"]
 EmbeddingSource = Literal["text", "collaborative"]
 OptimizerName = Literal["adamw", "adafactor"]
 
 
-# --------------------------------------------------------------------------------------------
-# beam search (model-agnostic: any digit-by-digit scorer)
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- network
 
 
-class DigitStep(Protocol):
-    """One decoding step of a digit-by-digit SID model.
+class _Memory(NamedTuple):
+    """Encoder output over ``[context, history]``: ``states`` (B, S, d), or (M, d) for the real positions
+    only when packed at flat ``index`` (M,) (else ``None``); ``valid`` (B, S) True = real position."""
 
-    Called with ``step`` = t, ``prefix`` (B, w, t) the codes of the current beams, and ``parents``
-    (B, w) the index of each beam's parent among the previous step's beams (``None`` at t = 0, where
-    every user has one empty beam). A stateful scorer (KV cache) re-orders its state by
-    ``parents``. Returns the logits (B, w, V) of digit t given each prefix.
-    """
-
-    def __call__(self, step: int, prefix: Tensor, parents: Tensor | None) -> Tensor: ...
-
-
-class BeamResult(NamedTuple):
-    """Finished beams of :func:`beam_search`, best first per user.
-
-    codes: (B, W, n) codes of each beam.
-    scores: (B, W) joint log-probability; ``-inf`` for dead beams (fewer allowed IDs than W).
-    keys: (B, W) packed SID keys; ``INVALID_KEY`` for dead beams and out-of-range codes.
-    alive: (B, W) finite score: a decoded candidate.
-    valid: (B, W) alive and the ID of a real item.
-    """
-
-    codes: Tensor
-    scores: Tensor
-    keys: Tensor
-    alive: Tensor
+    states: Tensor
     valid: Tensor
-
-
-@torch.no_grad()
-def beam_search(
-    step_fn: DigitStep,
-    batch_size: int,
-    sids: SemanticIDs,
-    beam_size: int,
-    constrained: bool = True,
-    device: torch.device | str | None = None,
-) -> BeamResult:
-    """Beam search over the ``sids.n_digits`` digits, batched over users x beams.
-
-    At digit t every live beam's log-softmax over the V codes is added to its score; with
-    ``constrained`` the codes that extend the prefix to no real item get ``-inf``
-    (``sids.prefix_table(t)``; codes at or above the digit's codebook size, possible when the
-    model's vocabulary is larger, are never allowed). The best ``beam_size`` of the ``w x V``
-    children are kept (``torch.topk``, ties in unspecified order). The only Python loop is over
-    the digits.
-
-    Returns:
-        :class:`BeamResult` with W = min(beam_size, number of children at the last step).
-    """
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    device = sids.device if device is None else torch.device(device)
-    prefix = torch.zeros(batch_size, 1, 0, dtype=torch.long, device=device)  # (B, 1, 0)
-    scores = torch.zeros(batch_size, 1, device=device)  # (B, 1)
-    parents: Tensor | None = None
-    for step in range(sids.n_digits):  # n <= 8 digits; users and beams are batched
-        logits = step_fn(step, prefix, parents)  # (B, w, V)
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        vocab = log_probs.shape[-1]
-        if constrained:
-            allowed = sids.prefix_table(step).lookup(sids.pack(prefix))  # (B, w, K_t)
-            width = allowed.shape[-1]
-            if width > vocab:
-                raise ValueError(f"digit {step} has {width} codes but the scorer returns {vocab} logits")
-            if width < vocab:
-                allowed = F.pad(allowed, (0, vocab - width), value=False)  # (B, w, V)
-            log_probs = log_probs.masked_fill(~allowed, float("-inf"))
-        total = (scores.unsqueeze(-1) + log_probs).flatten(1)  # (B, w * V)
-        scores, flat = total.topk(min(beam_size, total.shape[1]), dim=1)  # (B, W) best first
-        parents = torch.div(flat, vocab, rounding_mode="floor")  # (B, W)
-        codes = flat - parents * vocab  # (B, W)
-        inherited = prefix.gather(1, parents.unsqueeze(-1).expand(-1, -1, step))  # (B, W, t)
-        prefix = torch.cat([inherited, codes.unsqueeze(-1)], dim=-1)  # (B, W, t + 1)
-    alive = torch.isfinite(scores)  # (B, W)
-    keys = torch.where(alive, sids.pack(prefix), torch.full_like(scores, INVALID_KEY, dtype=torch.long))
-    valid = sids.items_for_keys(keys).valid & alive
-    return BeamResult(prefix, scores, keys, alive, valid)
-
-
-# --------------------------------------------------------------------------------------------
-# network
-# --------------------------------------------------------------------------------------------
+    index: Tensor | None
 
 
 @dataclass
 class _DecodeState:
-    """KV cache of one beam search.
-
-    memory_kv: per decoder layer, cross-attention (keys, values), each (B, H, S, Dh); computed
-        once per user and shared by all of the user's beams.
-    memory_mask: (B, 1, 1, S) True = real encoder position.
-    cache: per decoder layer, self-attention (keys, values) of the past steps, (B * w, H, t, Dh),
-        rows user-major (beam j of user b is row ``b * w + j``).
-    beams: w, beams per user in ``cache``.
-    """
+    """KV cache of one beam search: cross-attention (keys, values) (B, H, S, Dh) per decoder layer,
+    once per user and shared by its beams; ``memory_mask`` (B, 1, 1, S); self-attention cache per layer
+    (B * w, H, t, Dh), rows user-major (beam j of user b is row ``b * w + j``); ``beams`` = w."""
 
     memory_kv: list[tuple[Tensor, Tensor]]
     memory_mask: Tensor
@@ -218,57 +78,35 @@ class _DecodeState:
 
 
 class _TigerNetwork(nn.Module):
-    """Encoder-decoder over SID tokens; works in code space ((..., n) codes, ``PAD_CODE`` = none)."""
+    """Encoder + digit decoder over SID tokens; works in code space ((..., n) codes, ``PAD_CODE`` = none)."""
 
     def __init__(
-        self,
-        n_digits: int,
-        codebook_size: int,
-        history_items: int,
-        encoder_input: EncoderInput,
-        hidden_size: int,
-        encoder_layers: int,
-        decoder_layers: int,
-        num_heads: int,
-        head_dim: int | None,
-        ffn_size: int,
-        dropout: float,
-        output_head: OutputHead,
-    ) -> None:
+        self, n_digits: int, codebook_size: int, history_items: int, architecture: Architecture,
+        encoder_input: EncoderInput, hidden_size: int, encoder_layers: int, decoder_layers: int, num_heads: int,
+        head_dim: int | None, ffn_size: int, dropout: float, output_head: OutputHead,
+    ) -> None:  # fmt: skip
         super().__init__()
         n, K, d = n_digits, codebook_size, hidden_size
         self.n_digits, self.codebook_size, self.hidden_size = n, K, d
-        self.history_items, self.encoder_input, self.output_head = history_items, encoder_input, output_head
+        self.architecture, self.encoder_input, self.output_head = architecture, encoder_input, output_head
         self.token_embedding = nn.Embedding(1 + n * K, d, padding_idx=0)  # 0 = PAD, 1 + t*K + c
-        encoder_positions = history_items * n if encoder_input == "flat" else history_items
-        self.encoder_position = nn.Embedding(encoder_positions, d)
+        self.encoder_position = nn.Embedding(history_items * n if encoder_input == "flat" else history_items, d)
         self.digit_type = nn.Embedding(n, d)  # flat input only
         self.item_mlp = (
-            nn.Sequential(nn.Linear(n * d, d), nn.ReLU(), nn.Linear(d, d))
-            if encoder_input == "item"
-            else None
+            nn.Sequential(nn.Linear(n * d, d), nn.ReLU(), nn.Linear(d, d)) if encoder_input == "item" else None
         )
         self.context_token = nn.Parameter(torch.empty(d))
         self.bos = nn.Parameter(torch.empty(d))
         self.decoder_position = nn.Embedding(n, d)
         self.dropout = nn.Dropout(dropout)
-        block = dict(
-            num_heads=num_heads, ffn_dim=ffn_size, dropout=dropout, activation="relu", head_dim=head_dim
-        )
+        block = dict(num_heads=num_heads, ffn_dim=ffn_size, dropout=dropout, activation="relu", head_dim=head_dim)
         self.encoder = nn.ModuleList(TransformerBlock(d, **block) for _ in range(encoder_layers))
-        self.decoder = nn.ModuleList(
-            TransformerBlock(d, cross_attention=True, **block) for _ in range(decoder_layers)
-        )
+        self.decoder = nn.ModuleList(TransformerBlock(d, cross_attention=True, **block) for _ in range(decoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.decoder_norm = nn.LayerNorm(d)
         self.head = nn.Parameter(torch.empty(n, K, d)) if output_head == "separate" else None
         self.output_bias = nn.Parameter(torch.zeros(n, K))
-        for embedding in (
-            self.token_embedding,
-            self.encoder_position,
-            self.digit_type,
-            self.decoder_position,
-        ):
+        for embedding in (self.token_embedding, self.encoder_position, self.digit_type, self.decoder_position):
             nn.init.normal_(embedding.weight, std=0.02)
         for parameter in (self.context_token, self.bos):
             nn.init.normal_(parameter, std=0.02)
@@ -292,79 +130,91 @@ class _TigerNetwork(nn.Module):
         return weights if step is None else weights[step]
 
     # ---- encoder -------------------------------------------------------------------------
-    def encode(self, history_codes: Tensor, packed: bool = True) -> tuple[Tensor, Tensor]:
-        """(B, L, n) codes of the left-padded history -> memory (B, 1 + S, d) and its mask (B, 1 + S).
+    def encode(self, codes: Tensor, packed: bool) -> _Memory:
+        """(B, L, n) codes of left-padded items (at most ``history_items``) -> memory over
+        ``[context, items]``, S = 1 + L (flat: 1 + L n).
 
-        Uses the last ``history_items`` items. Positions count from the newest slot, so leading
-        columns that are padding in every row can be dropped beforehand without changing anything.
-        ``packed`` (exact, default) runs the position-wise layers on real tokens only
-        (:meth:`recbench.nn.TransformerBlock.forward_packed`); padded positions of the memory are zero (and masked).
+        Encoder-decoder: bidirectional, positions counted from the newest slot (leading all-padding
+        columns change nothing). Causal: position i attends to positions <= i, positions counted from
+        the oldest real item, so the prefix of a sequence is encoded exactly as the same items given
+        as a history. ``packed`` (exact) runs projections and FFN on the real tokens only
+        (:meth:`~recbench.nn.TransformerBlock.forward_packed`).
         """
-        codes = history_codes[:, -self.history_items :]  # (B, L', n)
         batch, length, n = codes.shape
-        tokens = self.tokens(codes)  # (B, L', n)
+        tokens = self.tokens(codes)  # (B, L, n)
+        size = self.encoder_position.num_embeddings
         if self.encoder_input == "flat":
-            tokens = tokens.reshape(batch, length * n)  # (B, S), S = L' * n, item-major
-            size = self.encoder_position.num_embeddings
-            positions = torch.arange(size - length * n, size, device=codes.device)  # (S,) newest last
-            digits = torch.arange(length * n, device=codes.device) % n  # (S,)
-            x = (
-                self.token_embedding(tokens) + self.encoder_position(positions) + self.digit_type(digits)
-            )  # (B, S, d)
-            valid = tokens != 0  # (B, S)
+            tokens = tokens.reshape(batch, length * n)  # (B, L n), item-major
+            positions = torch.arange(size - length * n, size, device=codes.device)  # (L n,) newest last
+            digits = torch.arange(length * n, device=codes.device) % n
+            x = self.token_embedding(tokens) + self.encoder_position(positions) + self.digit_type(digits)
+            valid = tokens != 0  # (B, L n)
         else:
             assert self.item_mlp is not None
-            x = self.item_mlp(self.token_embedding(tokens).reshape(batch, length, -1))  # (B, L', d)
-            size = self.encoder_position.num_embeddings
-            x = x + self.encoder_position(torch.arange(size - length, size, device=codes.device))
-            valid = (codes >= 0).all(-1)  # (B, L')
-        context = self.context_token.to(x.dtype).expand(batch, 1, -1)  # (B, 1, d)
-        x = self.dropout(torch.cat([context, x], dim=1))  # (B, 1 + S, d)
-        valid = torch.cat([valid.new_ones(batch, 1), valid], dim=1)  # (B, 1 + S)
-        mask = valid[:, None, None, :]  # (B, 1, 1, 1 + S): keys only; bidirectional
+            x = self.item_mlp(self.token_embedding(tokens).reshape(batch, length, -1))  # (B, L, d)
+            valid = (codes >= 0).all(-1)  # (B, L)
+            if self.architecture == "causal":
+                positions = (valid.cumsum(1) - 1).clamp(min=0)  # (B, L) from the oldest real item
+            else:
+                positions = torch.arange(size - length, size, device=codes.device)  # (L,) newest last
+            x = x + self.encoder_position(positions)
+        x = self.dropout(torch.cat([self.context_token.to(x.dtype).expand(batch, 1, -1), x], dim=1))  # (B, S, d)
+        valid = torch.cat([valid.new_ones(batch, 1), valid], dim=1)  # (B, S)
+        # causal: the context token is first, so it attends to itself only (a learned constant)
+        mask = causal_padding_mask(valid) if self.architecture == "causal" else valid[:, None, None, :]
         if not packed:
             for block in self.encoder:
                 x = block(x, mask)
-            return self.encoder_norm(x), valid
-        index = valid.flatten().nonzero().squeeze(1)  # (M,) real positions of the (B * (1 + S)) grid
+            return _Memory(self.encoder_norm(x), valid, None)
+        index = valid.flatten().nonzero().squeeze(1)  # (M,) real positions of the (B S) grid
         h = x.flatten(0, 1)[index]  # (M, d)
         for block in self.encoder:
             h = block.forward_packed(h, index, mask)
-        h = self.encoder_norm(h)
-        return h.new_zeros(valid.numel(), h.shape[-1]).index_copy(0, index, h).view(*valid.shape, -1), valid
+        return _Memory(self.encoder_norm(h), valid, index)
+
+    def memory_key_values(self, memory: _Memory) -> list[tuple[Tensor, Tensor]]:
+        """Cross-attention (keys, values) (B, H, S, Dh) of every decoder layer, once per user."""
+        grid = (memory.valid.shape[0], memory.valid.shape[1])
+        memory_kv = []
+        for block in self.decoder:
+            assert block.cross_attention is not None  # every decoder block has one
+            memory_kv.append(block.cross_attention.memory_key_values(memory.states, memory.index, grid))
+        return memory_kv
 
     # ---- decoder, teacher forcing ----------------------------------------------------------
     def decoder_inputs(self, codes: Tensor) -> Tensor:
-        """(R, n) target codes -> (R, n, d): [BOS, e(c_0), ..., e(c_{n-2})] + positions."""
-        rows = codes.shape[0]
-        shifted = self.token_embedding(self.tokens(codes)[:, :-1])  # (R, n - 1, d)
-        bos = self.bos.to(shifted.dtype).expand(rows, 1, -1)  # (R, 1, d)
+        """(..., n) target codes -> (..., n, d): [BOS, e(c_0), ..., e(c_{n-2})] + positions."""
+        shifted = self.token_embedding(self.tokens(codes)[..., :-1])  # (..., n - 1, d)
+        bos = self.bos.to(shifted.dtype).expand(*codes.shape[:-1], 1, -1)  # (..., 1, d)
         positions = self.decoder_position(torch.arange(self.n_digits, device=codes.device))  # (n, d)
-        return torch.cat([bos, shifted], dim=1) + positions  # (R, n, d)
+        return torch.cat([bos, shifted], dim=-2) + positions  # (..., n, d)
 
-    def forward(self, memory: Tensor, memory_valid: Tensor, codes: Tensor) -> Tensor:
-        """Teacher-forced logits (R, n, K) of the target codes (R, n) given memory (R, S, d)."""
-        x = self.dropout(self.decoder_inputs(codes))  # (R, n, d)
+    def forward(
+        self,
+        memory_kv: list[tuple[Tensor, Tensor]],
+        memory_mask: Tensor,
+        codes: Tensor,
+        index: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Teacher-forced logits (..., n, K) of target codes (B, R, n): R rows per user, or only the
+        real rows (M, n) at flat ``index`` of a ``(B, R)`` ``grid``; ``memory_mask`` (B, 1, 1 or R n, S)."""
+        x = self.dropout(self.decoder_inputs(codes))  # (B, R, n, d) or (M, n, d)
         causal = torch.ones(self.n_digits, self.n_digits, dtype=torch.bool, device=codes.device).tril()
-        memory_mask = memory_valid[:, None, None, :]  # (R, 1, 1, S)
-        for block in self.decoder:
-            x = block(x, causal, memory, memory_mask)
-        h = self.decoder_norm(x)  # (R, n, d)
-        return torch.einsum("rnd,nkd->rnk", h, self.digit_weights()) + self.output_bias  # (R, n, K)
+        for block, kv in zip(self.decoder, memory_kv, strict=True):
+            x = block.forward_with_memory(x, kv, memory_mask, causal, index, grid)
+        h = self.decoder_norm(x)
+        return torch.einsum("...nd,nkd->...nk", h, self.digit_weights()) + self.output_bias
 
     # ---- decoder, incremental (beam search) -----------------------------------------------
-    def start_decoding(self, memory: Tensor, memory_valid: Tensor) -> _DecodeState:
-        """Cross-attention keys/values of every decoder layer, once per user."""
-        memory_kv = []
-        for block in self.decoder:
-            cross = block.cross_attention
-            assert cross is not None
-            memory_kv.append(cross.memory_key_values(memory))  # (B, H, S, Dh) each
+    def start_decoding(self, memory: _Memory) -> _DecodeState:
+        """Cross-attention keys/values of every decoder layer, once per user; an empty self-attention cache."""
+        memory_kv = self.memory_key_values(memory)
         empty = [(k[:, :, :0], v[:, :, :0]) for k, v in memory_kv]  # (B, H, 0, Dh): no past yet
-        return _DecodeState(memory_kv, memory_valid[:, None, None, :], empty, beams=1)
+        return _DecodeState(memory_kv, memory.valid[:, None, None, :], empty, beams=1)
 
     def decode_step(self, state: _DecodeState, step: int, prefix: Tensor, parents: Tensor | None) -> Tensor:
-        """:class:`DigitStep` for :func:`beam_search`: logits (B, w, K) of digit ``step``."""
+        """:class:`~recbench.beam.DigitStep` for :func:`~recbench.beam.beam_search`: logits (B, w, K) of digit ``step``."""
         users, beams = prefix.shape[:2]
         if parents is not None:  # re-order the cache: row of each new beam's parent
             rows = (parents + state.beams * torch.arange(users, device=parents.device).unsqueeze(1)).flatten()
@@ -386,9 +236,8 @@ class _TigerNetwork(nn.Module):
         return h @ self.digit_weights(step).T + self.output_bias[step]  # (B, w, K)
 
 
-# --------------------------------------------------------------------------------------------
-# the system
-# --------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------- system
 
 
 class TIGER(SemanticIDModel):
@@ -397,7 +246,10 @@ class TIGER(SemanticIDModel):
     Args:
         num_items: N (linked from the data).
         max_len: history length the data provides (linked from the data).
-        history_items: the encoder reads the last this many items (TIGER: 20).
+        history_items: the encoder reads the last this many items (TIGER: 20); for ``"causal"`` also
+            the training window (older targets of a longer data window are dropped: use ``max_len``).
+        architecture: ``"encoder_decoder"`` (TIGER, pairs view) or ``"causal"`` (sequence view, every
+            target of a user in one pass; needs ``encoder_input="item"``).
         encoder_input: ``"flat"`` (n tokens per item) or ``"item"`` (one MLP token per item).
         hidden_size: d.
         encoder_layers, decoder_layers: transformer blocks of each side.
@@ -416,7 +268,7 @@ class TIGER(SemanticIDModel):
         collaborative_dim: width of collaborative embeddings.
         levels: residual k-means levels (digits before the collision digit).
         codebook_size: codes per digit (vocabulary); falls back to a smaller power of two when the
-            training split has fewer items (module docstring).
+            training split has fewer items (see the docs).
         collision_digit: append the digit that makes every ID unique (n = levels + 1).
         sid_seed: k-means seed.
         kmeans_iters: Lloyd iterations per level.
@@ -428,13 +280,12 @@ class TIGER(SemanticIDModel):
         ks: see :class:`~recbench.model.SeqRecModel`.
     """
 
-    training_view = "pairs"
-
     def __init__(
         self,
         num_items: int,
         max_len: int = 50,
         history_items: int = 20,
+        architecture: Architecture = "encoder_decoder",
         encoder_input: EncoderInput = "flat",
         hidden_size: int = 128,
         encoder_layers: int = 2,
@@ -480,30 +331,22 @@ class TIGER(SemanticIDModel):
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if architecture == "causal" and encoder_input != "item":
+            raise ValueError("architecture='causal' encodes one token per item: set encoder_input='item'")
+        self.architecture = architecture
+        # Per instance (the datamodule asks the model): the causal model trains on whole windows.
+        self.training_view = "sequence" if architecture == "causal" else "pairs"  # type: ignore[misc]
         self.history_items = min(history_items, max_len)  # the data never supplies more
-        self.beam_size = beam_size
-        self.constrained = constrained
-        self.label_smoothing = label_smoothing
-        self.embedding_source = embedding_source
-        self.text_encoder = text_encoder
+        self.beam_size, self.constrained, self.label_smoothing = beam_size, constrained, label_smoothing
+        self.embedding_source, self.text_encoder = embedding_source, text_encoder
         self.collaborative_dim = collaborative_dim
         self.levels = levels
         self.sid_seed, self.kmeans_iters = sid_seed, kmeans_iters
         self.optimizer_name, self.lr_schedule, self.warmup_steps = optimizer, lr_schedule, warmup_steps
         self.network = _TigerNetwork(
-            self.n_digits,
-            codebook_size,
-            self.history_items,
-            encoder_input,
-            hidden_size,
-            encoder_layers,
-            decoder_layers,
-            num_heads,
-            head_dim,
-            ffn_size,
-            dropout,
-            output_head,
-        )
+            self.n_digits, codebook_size, self.history_items, architecture, encoder_input, hidden_size,
+            encoder_layers, decoder_layers, num_heads, head_dim, ffn_size, dropout, output_head,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ item side
     def build_semantic_ids(self, datamodule: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, str]]:
@@ -529,19 +372,82 @@ class TIGER(SemanticIDModel):
         return semantic_ids_for(datamodule, config, embeddings), info
 
     # ------------------------------------------------------------------ training
-    def _history_codes(self, history: Tensor) -> Tensor:
-        """(B, L) items -> (B, L', n) codes of the last ``history_items`` (all-padding columns dropped)."""
-        return self.sid_codes[trim_left_padding(history[:, -self.history_items :])]
+    @staticmethod
+    def _packed(grid: Tensor) -> bool:
+        # Packing needs the number of real tokens (nonzero): free on CPU, a host synchronisation per
+        # step on a GPU, where the padded path runs (length-bucketed batches leave little padding).
+        return grid.device.type == "cpu"
+
+    def _encode(self, history: Tensor) -> _Memory:
+        """(B, L) left-padded items -> memory over the context and the last ``history_items`` items."""
+        history = history[:, -self.history_items :]
+        return self.network.encode(self.sid_codes[history], self._packed(history))
 
     def loss(self, batch: Batch) -> Tensor:
-        """Mean cross-entropy over the n digits of the target's ID, teacher-forced."""
+        """Mean cross-entropy over the n digits of every target's ID, teacher-forced. Pairs batches
+        (both architectures): one target per row. Sequence batches (causal): every target at once."""
         self.require_semantic_ids()
-        target_codes = self.sid_codes[batch[TARGET]]  # (B, n)
-        memory, valid = self.network.encode(self._history_codes(batch[HISTORY]))  # (B, S, d), (B, S)
-        logits = self.network(memory, valid, target_codes)  # (B, n, K)
+        if SEQUENCE in batch and self._packed(batch[SEQUENCE]):
+            return self._grouped_sequence_loss(batch[SEQUENCE])
+        if SEQUENCE in batch:
+            logits, codes = self.sequence_logits(batch[SEQUENCE], packed=False)  # (B, L, n, K), (B, L, n)
+        else:
+            codes = self.sid_codes[batch[TARGET]].unsqueeze(1)  # (B, 1, n)
+            memory = self._encode(batch[HISTORY])
+            logits = self.network(self.network.memory_key_values(memory), memory.valid[:, None, None, :], codes)
+        # Mean over real (target, digit) pairs, so every target weighs the same; PAD_CODE marks
+        # padded rows (no host read of their count, unlike boolean indexing).
         return F.cross_entropy(
-            logits.float().flatten(0, 1), target_codes.flatten(), label_smoothing=self.label_smoothing
+            logits.float().flatten(0, -2),
+            codes.flatten(),
+            ignore_index=PAD_CODE,
+            label_smoothing=self.label_smoothing,
         )
+
+    def _grouped_sequence_loss(self, sequence: Tensor, group: int = 32) -> Tensor:
+        """The CPU path of the sequence loss: users sorted by window length in groups of ``group``,
+        each group trimmed to its longest window and packed. The (rows x digits) x memory attention
+        grids then shrink with the group (a batch's longest window is ~50 on Beauty, the median ~5),
+        while the loss stays the same mean over all real (target, digit) pairs of the batch."""
+        lengths = (sequence != PAD_ID).sum(1)  # (B,)
+        order = lengths.argsort(descending=True)
+        total, count = sequence.new_zeros((), dtype=torch.float), 0
+        for rows in order.split(group):  # B / group iterations, not users
+            width = max(int(lengths[rows[0]]), 2)  # host read: free on CPU
+            logits, codes = self.sequence_logits(sequence[rows, -width:], packed=True)  # (M, n, K), (M, n)
+            total = total + F.cross_entropy(
+                logits.float().flatten(0, 1), codes.flatten(), label_smoothing=self.label_smoothing, reduction="sum"
+            )
+            count += codes.numel()
+        return total / count
+
+    def sequence_logits(self, sequence: Tensor, packed: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced logits of every target of left-padded windows (B, L + 1), one encoder pass.
+
+        The target after input position t (``sequence[:, t + 1]``, where ``sequence[:, t]`` is real)
+        is decoded against the memory positions ``<= t`` (the context and inputs ``0..t``), which
+        the causal encoder computed without looking further. Returns logits and target codes:
+        padded (B, L, n, K), (B, L, n) with ``PAD_CODE`` at rows that are no target, or packed
+        (CPU default) (M, n, K), (M, n) for the M real targets.
+        """
+        if self.architecture != "causal":
+            raise ValueError("sequence batches need architecture='causal' (the encoder-decoder trains on pairs)")
+        sequence = sequence[:, -(self.history_items + 1) :]  # the encoder's window
+        packed = self._packed(sequence) if packed is None else packed
+        inputs, targets = sequence[:, :-1], sequence[:, 1:]  # (B, L) each
+        batch, length = inputs.shape
+        real = (inputs != PAD_ID) & (targets != PAD_ID)  # (B, L): targets with an item before them
+        codes = torch.where(real.unsqueeze(-1), self.sid_codes[targets], PAD_CODE)  # (B, L, n)
+        memory = self.network.encode(self.sid_codes[inputs], packed)  # S = 1 + L
+        prefix = torch.ones(length, length + 1, dtype=torch.bool, device=sequence.device).tril(diagonal=1)
+        # Row t's n queries see memory columns <= t + 1 (column 0 = context) that are real.
+        mask = (prefix.repeat_interleave(self.n_digits, 0) & memory.valid.unsqueeze(1)).unsqueeze(1)  # (B, 1, L n, S)
+        memory_kv = self.network.memory_key_values(memory)
+        if not packed:
+            return self.network(memory_kv, mask, codes), codes
+        index = real.flatten().nonzero().squeeze(1)  # (M,) real targets of the (B L) grid
+        codes = codes.flatten(0, 1)[index]  # (M, n)
+        return self.network(memory_kv, mask, codes, index, (batch, length)), codes
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, object]:
         parameters = [p for p in self.parameters() if p.requires_grad]
@@ -558,25 +464,18 @@ class TIGER(SemanticIDModel):
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
-    def decode(
-        self, history: Tensor, beam_size: int | None = None, constrained: bool | None = None
-    ) -> BeamResult:
-        """Beam search for (B, L) histories; the finished beams, best first."""
+    def decode(self, history: Tensor, beam_size: int | None = None, constrained: bool | None = None) -> BeamResult:
+        """Beam search for (B, L) histories; the finished beams, best first. The decoder attends to
+        every history position (for ``"causal"``: the prefix up to the newest item)."""
         sids = self.semantic_ids
-        memory, valid = self.network.encode(self._history_codes(history))
-        state = self.network.start_decoding(memory, valid)
+        state = self.network.start_decoding(self._encode(history))
 
         def step(t: int, prefix: Tensor, parents: Tensor | None) -> Tensor:
             return self.network.decode_step(state, t, prefix, parents)
 
-        return beam_search(
-            step,
-            history.shape[0],
-            sids,
-            self.beam_size if beam_size is None else beam_size,
-            self.constrained if constrained is None else constrained,
-            device=history.device,
-        )
+        beam_size = self.beam_size if beam_size is None else beam_size
+        constrained = self.constrained if constrained is None else constrained
+        return beam_search(step, history.shape[0], sids, beam_size, constrained, device=history.device)
 
     @torch.no_grad()
     def recommend(self, history: Tensor, k: int) -> Tensor:
@@ -589,13 +488,10 @@ class TIGER(SemanticIDModel):
     def sequence_log_prob(self, history: Tensor, codes: Tensor) -> Tensor:
         """Teacher-forced joint log-probability (B, M) of candidate IDs ``codes`` (B, M, n) (no beam
         search, no constraint): the quantity the beam ranks by. For tests and analysis."""
-        batch, m, _ = codes.shape
-        memory, valid = self.network.encode(self._history_codes(history))  # (B, S, d)
-        memory = memory.repeat_interleave(m, dim=0)  # (B * M, S, d)
-        valid = valid.repeat_interleave(m, dim=0)
-        flat = codes.reshape(batch * m, -1)  # (B * M, n)
-        log_probs = F.log_softmax(self.network(memory, valid, flat).float(), dim=-1)  # (B * M, n, K)
-        return log_probs.gather(2, flat.unsqueeze(-1)).squeeze(-1).sum(-1).view(batch, m)
+        memory = self._encode(history)
+        logits = self.network(self.network.memory_key_values(memory), memory.valid[:, None, None, :], codes)
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, M, n, K)
+        return log_probs.gather(3, codes.unsqueeze(-1)).squeeze(-1).sum(-1)
 
     # ------------------------------------------------------------------ reporting
     def item_id_stats(self) -> dict[str, float]:
@@ -605,6 +501,7 @@ class TIGER(SemanticIDModel):
 
     def run_notes(self) -> dict[str, object]:
         notes: dict[str, object] = {
+            "architecture": self.architecture,
             "beam_size": self.beam_size,
             "constrained": self.constrained,
             "encoder_input": self.network.encoder_input,

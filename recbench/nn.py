@@ -13,7 +13,8 @@ Three ways through the same parameters, one implementation each, used by every m
 - :meth:`TransformerBlock.forward_with_memory` / :meth:`TransformerBlock.decode_step`: decoder
   blocks whose cross-attention keys/values were projected once per user
   (:meth:`MultiHeadAttention.memory_key_values`, real rows only when packed), for ``R`` rows per user
-  (teacher forcing, DiffGRM's views) or one new position of ``w`` beams with a KV cache.
+  (teacher forcing, DiffGRM's views; optionally only the real rows of a padded ``(B, R)`` grid, e.g.
+  one row per target of a causal model) or one new position of ``w`` beams with a KV cache.
 """
 
 from __future__ import annotations
@@ -120,12 +121,32 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
     def attend(
-        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Queries from ``x`` ``(B, Q, d)`` against given keys/values ``(B, H, S, Dh)`` -> ``(B, Q, d)``."""
-        q = split_heads(self.query(x), self.num_heads)  # (B, H, Q, Dh)
+        """Queries from ``x`` ``(B, Q, d)`` against given keys/values ``(B, H, S, Dh)`` -> ``(B, Q, d)``.
+
+        Packed rows: ``x`` ``(M, T, d)`` holds the real rows at flat ``index`` ``(M,)`` of a ``grid`` of
+        ``(B, R)`` rows (``Q = R T`` queries per user, ``mask`` broadcastable to ``(B, H, R T, S)``). The
+        projections run on the M real rows only; the attention product runs on the grid with zero
+        queries at the missing rows, whose outputs are dropped. Returns ``(M, T, d)``.
+        """
+        if index is None:
+            q = split_heads(self.query(x), self.num_heads)  # (B, H, Q, Dh)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=self._dropout_p())
+            return self.out(merge_heads(y))
+        if grid is None:
+            raise ValueError("packed rows need their grid (B, R)")
+        (batch, rows), length = grid, x.shape[1]
+        q = scatter_rows(self.query(x).flatten(1), index, batch * rows)  # (B R, T H Dh)
+        q = split_heads(q.view(batch, rows * length, -1), self.num_heads)  # (B, H, R T, Dh)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=self._dropout_p())
-        return self.out(merge_heads(y))
+        return self.out(merge_heads(y).reshape(batch * rows, length, -1)[index])  # (M, T, d)
 
 
 class TransformerBlock(nn.Module):
@@ -198,20 +219,32 @@ class TransformerBlock(nn.Module):
         memory_kv: tuple[torch.Tensor, torch.Tensor],
         memory_mask: torch.Tensor | None = None,
         self_mask: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Decoder block over ``R`` rows per user: ``x`` ``(B, R, T, d)``, cross-attention keys/values
-        ``(B, H, S, Dh)`` projected once per user, ``memory_mask`` ``(B, 1, 1, S)``.
+        ``(B, H, S, Dh)`` projected once per user, ``memory_mask`` broadcastable to ``(B, 1, R T, S)``
+        (``(B, 1, 1, S)`` for a key mask, or one row of keys per query, e.g. a prefix per row).
 
         Self-attention runs per row over its ``T`` positions (``self_mask`` ``(T, T)``); cross-attention
         runs per user with the ``R T`` queries of its rows (queries do not interact, so this equals
-        attending row by row, without copying keys/values per row)."""
+        attending row by row, without copying keys/values per row). With ``index``, ``x`` is
+        ``(M, T, d)``: only the real rows at flat ``index`` of the ``(B, R)`` ``grid``, and everything
+        but the cross-attention product runs on them alone (:meth:`MultiHeadAttention.attend`)."""
         cross, cross_norm = self._cross()
-        batch, rows, length, width = x.shape
-        h = self.self_norm(x).reshape(batch * rows, length, width)
-        x = x + self.dropout(self.self_attention(h, h, self_mask)).view(batch, rows, length, width)
-        h = cross_norm(x).reshape(batch, rows * length, width)
-        x = x + self.dropout(cross.attend(h, *memory_kv, memory_mask)).view(batch, rows, length, width)
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        shape = x.shape
+        if index is None:
+            batch, rows, length, width = shape
+            x = x.reshape(batch * rows, length, width)  # rows are independent in self-attention
+        h = self.self_norm(x)
+        x = x + self.dropout(self.self_attention(h, h, self_mask))  # (B R or M, T, d)
+        h = cross_norm(x)
+        if index is None:
+            y = cross.attend(h.view(batch, rows * length, width), *memory_kv, memory_mask).view_as(x)
+        else:
+            y = cross.attend(h, *memory_kv, memory_mask, index, grid)
+        x = x + self.dropout(y)
+        return (x + self.dropout(self.ffn(self.ffn_norm(x)))).view(shape)
 
     def decode_step(
         self,

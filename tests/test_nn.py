@@ -64,3 +64,27 @@ def test_ffn_dropout_option_keeps_parameter_names() -> None:
     assert isinstance(without.ffn[2], torch.nn.Identity) and isinstance(default.ffn[2], torch.nn.Dropout)
     x = torch.randn(3, 8)
     assert torch.equal(without.ffn(x), without.ffn(x)), "no dropout inside the FFN, even in train mode"
+
+
+def test_packed_rows_with_a_prefix_mask_equal_the_row_by_row_decoder() -> None:
+    """Rows of a (B, R) grid, each with its own memory prefix (a causal model's targets): the packed-row
+    path (real rows only) equals running each row alone against its prefix of the memory."""
+    generator = torch.Generator().manual_seed(2)
+    block = TransformerBlock(16, 2, 32, dropout=0.0, cross_attention=True).eval()
+    batch, rows, length, slots = 3, 4, 3, 5
+    memory, valid = _left_padded(batch, slots, 16, generator)
+    valid[:, 0] = True  # a context slot every row may see
+    prefix = torch.ones(rows, slots, dtype=torch.bool).tril(diagonal=1)  # row r sees slots <= r + 1
+    mask = (prefix.repeat_interleave(length, 0) & valid[:, None, :])[:, None]  # (B, 1, R T, S)
+    x = torch.randn(batch, rows, length, 16, generator=generator)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    expected = torch.stack(
+        [block(x[:, r], causal, memory, (prefix[r] & valid)[:, None, None, :]) for r in range(rows)], dim=1
+    )  # (B, R, T, d)
+    assert block.cross_attention is not None
+    kv = block.cross_attention.memory_key_values(memory)
+    torch.testing.assert_close(block.forward_with_memory(x, kv, mask, causal), expected, atol=1e-5, rtol=1e-5)
+    real = torch.rand(batch, rows, generator=generator) < 0.6
+    index = real.flatten().nonzero().squeeze(1)
+    packed = block.forward_with_memory(x.flatten(0, 1)[index], kv, mask, causal, index, (batch, rows))
+    torch.testing.assert_close(packed, expected.flatten(0, 1)[index], atol=1e-5, rtol=1e-5)
