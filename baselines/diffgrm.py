@@ -48,11 +48,11 @@ from recbench.diffusion import (
     random_mask_views,
     random_order,
 )
-from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
+from recbench.item_side import semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import TransformerBlock
 from recbench.schedules import WarmupSchedule, scheduler_config, sized_schedule
-from recbench.semantic_id_model import SemanticIDModel
+from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import ParallelPQConfig, SemanticIDs, ranked_codes_to_items
 from recbench.text import DEFAULT_ENCODER
 
@@ -148,7 +148,7 @@ class DiffGRM(SemanticIDModel):
         max_len: int = 50,
         n_digits: int = 4,
         codebook_size: int = 256,
-        embedding_source: Literal["text", "collaborative"] = "text",
+        embedding_source: EmbeddingSource = "text",
         text_encoder: str = DEFAULT_ENCODER,
         collaborative_dim: int = 64,
         pca_dim: int = 256,
@@ -257,16 +257,9 @@ class DiffGRM(SemanticIDModel):
         hp = self.hparams
         if data.num_items != self.num_items:
             raise ValueError(f"the data has {data.num_items} items, the model {self.num_items}")
-        embeddings = item_embeddings_for(
-            data,
-            source=hp.embedding_source,
-            encoder=hp.text_encoder,
-            collaborative_dim=hp.collaborative_dim,
-            show_progress=False,
+        embeddings, n_train, k, notes = self.item_side_inputs(
+            data, hp.embedding_source, hp.text_encoder, hp.collaborative_dim
         )
-        n_train = int(data.train_item_mask().sum())
-        k, fallback = codebook_size_for(self.codebook_size, n_train, "DiffGRM")
-        notes: dict[str, Any] = {"embedding_source": embeddings.source, "codebook_fallback": fallback or None}
         pca = min(self.hparams.pca_dim, embeddings.dim, n_train - 1)
         pca -= pca % self.n_digits  # PQ splits the PCA output into n equal sub-spaces
         if pca != self.hparams.pca_dim:

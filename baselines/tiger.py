@@ -38,18 +38,17 @@ from torch.nn import functional as F
 from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, Batch
 from recbench.beam import BeamResult, beam_search
 from recbench.data import SeqRecDataModule
-from recbench.item_side import codebook_size_for, item_embeddings_for, semantic_ids_for
+from recbench.item_side import semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import TransformerBlock, causal_padding_mask
 from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
-from recbench.semantic_id_model import SemanticIDModel
+from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import PAD_CODE, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
 
 Architecture = Literal["encoder_decoder", "causal"]
 EncoderInput = Literal["flat", "item"]
 OutputHead = Literal["tied", "separate"]
-EmbeddingSource = Literal["text", "collaborative"]
 OptimizerName = Literal["adamw", "adafactor"]
 
 
@@ -352,16 +351,9 @@ class TIGER(SemanticIDModel):
     def build_semantic_ids(self, datamodule: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, str]]:
         """Residual k-means IDs of ``datamodule``'s items (cached on disk) and their provenance; the
         lifecycle around it (setup, buffers, checkpoint) is :class:`~recbench.semantic_id_model.SemanticIDModel`'s."""
-        embeddings = item_embeddings_for(
-            datamodule,
-            source=self.embedding_source,
-            encoder=self.text_encoder,
-            collaborative_dim=self.collaborative_dim,
-            show_progress=False,
+        embeddings, _, size, info = self.item_side_inputs(
+            datamodule, self.embedding_source, self.text_encoder, self.collaborative_dim
         )
-        n_train = int(datamodule.train_item_mask().sum())
-        size, fallback = codebook_size_for(self.codebook_size, n_train, "TIGER")
-        info = {"embedding_source": embeddings.source, "codebook_fallback": fallback}
         config = ResidualKMeansConfig(
             levels=self.levels,
             codebook_size=size,

@@ -22,18 +22,22 @@ device tensor to learn them (no host-device synchronisation on GPU).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from recbench.batch import PAD_ID
 from recbench.data import SeqRecDataModule
+from recbench.item_side import codebook_size_for, item_embeddings_for
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.semantic_ids import PAD_CODE, SemanticIDs
+from recbench.text import ItemEmbeddings
 
 _CHECKPOINT_KEY = "semantic_id_provenance"
+
+EmbeddingSource = Literal["text", "collaborative"]
 
 
 def _forget_lookup_after_load(module: nn.Module, incompatible_keys: object) -> None:
@@ -81,6 +85,19 @@ class SemanticIDModel(SeqRecModel):
         """Fit (or read from the cache) the IDs of ``datamodule``'s items; return them with their
         provenance (plain values for ``run_notes``)."""
         raise NotImplementedError
+
+    def item_side_inputs(
+        self, datamodule: SeqRecDataModule, source: EmbeddingSource, encoder: str, collaborative_dim: int
+    ) -> tuple[ItemEmbeddings, int, int, dict[str, Any]]:
+        """What every fit starts from: the items' embeddings (cached on disk), the number of training
+        items, the codes per digit they support (the configured size, or the small-data fallback) and
+        the provenance notes (embedding source, fallback)."""
+        embeddings = item_embeddings_for(
+            datamodule, source=source, encoder=encoder, collaborative_dim=collaborative_dim, show_progress=False
+        )
+        n_train = int(datamodule.train_item_mask().sum())
+        size, fallback = codebook_size_for(self.codebook_size, n_train, type(self).__name__)
+        return embeddings, n_train, size, {"embedding_source": embeddings.source, "codebook_fallback": fallback or None}
 
     def check_semantic_ids(self, sids: SemanticIDs) -> None:
         """Model-specific requirements on IDs about to be installed (raise ``ValueError``)."""
