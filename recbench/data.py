@@ -835,11 +835,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         Item-side fitting (PCA, quantisers) uses only these, so validation/test-only items never
         shape the codebooks.
         """
-        items, _ = self.train_sequences()
-        mask = torch.zeros(self.num_items + 1, dtype=torch.bool)
-        mask[items] = True
-        mask[PAD_ID] = False
-        return mask
+        return self.train_item_counts() > 0
 
     def train_item_counts(self) -> torch.Tensor:
         """LongTensor (N + 1,): occurrences of every item in the training prefixes (row 0 is 0);
