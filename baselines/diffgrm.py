@@ -50,7 +50,7 @@ from recbench.diffusion import (
 )
 from recbench.item_side import semantic_ids_for
 from recbench.metrics import DEFAULT_KS
-from recbench.nn import TransformerBlock
+from recbench.nn import Dropout, TransformerBlock
 from recbench.schedules import WarmupSchedule, scheduler_config, sized_schedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import ParallelPQConfig, SemanticIDs, ranked_codes_to_items
@@ -80,7 +80,7 @@ class _Decoder(nn.Module):
     def __init__(self, n_digits: int, d_model: int, num_heads: int, inner_size: int, layers: int, dropout: float) -> None:
         super().__init__()
         self.mask_embedding = nn.Parameter(torch.empty(n_digits, d_model))  # M_d, one per digit
-        self.input_dropout = nn.Dropout(dropout)
+        self.input_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             _block(d_model, num_heads, inner_size, dropout, cross=True) for _ in range(layers)
         )
@@ -219,7 +219,7 @@ class DiffGRM(SemanticIDModel):
             nn.Linear(n_digits * hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.position_embedding = nn.Embedding(max_len, hidden_size)  # index 0 = oldest kept item
-        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         self.encoder_blocks = nn.ModuleList(
             _block(hidden_size, num_heads, inner_size, dropout, cross=False) for _ in range(encoder_layers)
         )

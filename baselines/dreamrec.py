@@ -113,6 +113,7 @@ from recbench.diffusion import (
 )
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel, float32_scores
+from recbench.nn import Dropout
 from recbench.retrieval import Backend, ItemIndex
 
 DenoiserKind = Literal["mlp1", "mlp2"]
@@ -158,16 +159,16 @@ class FaithfulTEnc(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.position_embedding = nn.Embedding(max_len, hidden_size)  # N(0, 1), the torch default
-        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         self.query_norm = nn.LayerNorm(hidden_size)  # LN1
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
-        self.attention_dropout = nn.Dropout(dropout)
+        self.attention_dropout = Dropout(dropout)
         self.ffn_input_norm = nn.LayerNorm(hidden_size)  # LN2
         self.ffn_in = nn.Linear(hidden_size, hidden_size)  # the reference's 1x1 convolutions
         self.ffn_out = nn.Linear(hidden_size, hidden_size)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_dropout = Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(hidden_size)  # the FFN's own post-residual LayerNorm
         self.output_norm = nn.LayerNorm(hidden_size)  # LN3
 

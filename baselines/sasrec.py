@@ -28,12 +28,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbench.batch import PAD_ID, SEQUENCE, Batch
+from recbench.losses import IGNORE_INDEX, linear_cross_entropy
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
-from recbench.nn import TransformerBlock, causal_padding_mask
+from recbench.nn import Dropout, TransformerBlock, causal_padding_mask
 from recbench.retrieval import exact_top_items
-
-_IGNORE = -100  # cross-entropy label of a padded position
 
 
 class SASRec(SeqRecModel):
@@ -70,7 +69,7 @@ class SASRec(SeqRecModel):
         self.loss_kind = loss
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=PAD_ID)
         self.position_embedding = nn.Embedding(max_len + 1, hidden_size, padding_idx=0)
-        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(hidden_size, num_heads, hidden_size, dropout, activation="relu", norm_eps=1e-8)
             for _ in range(num_blocks)
@@ -112,14 +111,13 @@ class SASRec(SeqRecModel):
         valid = (inputs != PAD_ID) & (targets != PAD_ID)  # (B, L)
         hidden = self.encode(inputs)  # (B, L, d)
         table = self.item_embedding.weight  # (N + 1, d)
-        if self.loss_kind == "bce":
+        if self.loss_kind == "bce1":
             return self._bce_loss(hidden, sequence, targets, valid)
+        labels = torch.where(valid, targets - 1, IGNORE_INDEX)  # (B, L)
         if hidden.device.type == "cpu":  # score the real positions only
-            hidden, labels = hidden[valid], targets[valid] - 1  # (M, d), (M,)
-        else:  # selecting them costs a host sync on GPU; bucketed batches leave little padding
-            labels = torch.where(valid, targets - 1, _IGNORE)  # (B, L)
-        logits = hidden @ table[1:].T  # (M, N) or (B, L, N)
-        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=_IGNORE)
+            hidden, labels = hidden[valid], labels[valid]  # (M, d), (M,)
+        # else selecting them costs a host sync; bucketed batches leave little padding to score
+        return linear_cross_entropy(hidden, table[1:], labels)  # no (M, N) logits kept
 
     def _bce_loss(
         self, hidden: torch.Tensor, sequence: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor

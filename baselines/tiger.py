@@ -40,7 +40,7 @@ from recbench.beam import BeamResult, beam_search
 from recbench.data import SeqRecDataModule
 from recbench.item_side import semantic_ids_for
 from recbench.metrics import DEFAULT_KS
-from recbench.nn import TransformerBlock, causal_padding_mask
+from recbench.nn import Dropout, TransformerBlock, causal_padding_mask
 from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import PAD_CODE, ResidualKMeansConfig, SemanticIDs
@@ -97,7 +97,7 @@ class _TigerNetwork(nn.Module):
         self.context_token = nn.Parameter(torch.empty(d))
         self.bos = nn.Parameter(torch.empty(d))
         self.decoder_position = nn.Embedding(n, d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         block = dict(num_heads=num_heads, ffn_dim=ffn_size, dropout=dropout, activation="relu", head_dim=head_dim)
         self.encoder = nn.ModuleList(TransformerBlock(d, **block) for _ in range(encoder_layers))
         self.decoder = nn.ModuleList(TransformerBlock(d, cross_attention=True, **block) for _ in range(decoder_layers))
@@ -379,10 +379,8 @@ class TIGER(SemanticIDModel):
         """Mean cross-entropy over the n digits of every target's ID, teacher-forced. Pairs batches
         (both architectures): one target per row. Sequence batches (causal): every target at once."""
         self.require_semantic_ids()
-        if SEQUENCE in batch and self._packed(batch[SEQUENCE]):
-            return self._grouped_sequence_loss(batch[SEQUENCE])
-        if SEQUENCE in batch:
-            logits, codes = self.sequence_logits(batch[SEQUENCE], packed=False)  # (B, L, n, K), (B, L, n)
+        if SEQUENCE in batch:  # (M, n, K), (M, n) packed on CPU; padded (B, L, n, K), (B, L, n) elsewhere
+            logits, codes = self.sequence_logits(batch[SEQUENCE])
         else:
             codes = self.sid_codes[batch[TARGET]].unsqueeze(1)  # (B, 1, n)
             memory = self._encode(batch[HISTORY])
@@ -395,23 +393,6 @@ class TIGER(SemanticIDModel):
             ignore_index=PAD_CODE,
             label_smoothing=self.label_smoothing,
         )
-
-    def _grouped_sequence_loss(self, sequence: Tensor, group: int = 32) -> Tensor:
-        """The CPU path of the sequence loss: users sorted by window length in groups of ``group``,
-        each group trimmed to its longest window and packed. The (rows x digits) x memory attention
-        grids then shrink with the group (a batch's longest window is ~50 on Beauty, the median ~5),
-        while the loss stays the same mean over all real (target, digit) pairs of the batch."""
-        lengths = (sequence != PAD_ID).sum(1)  # (B,)
-        order = lengths.argsort(descending=True)
-        total, count = sequence.new_zeros((), dtype=torch.float), 0
-        for rows in order.split(group):  # B / group iterations, not users
-            width = max(int(lengths[rows[0]]), 2)  # host read: free on CPU
-            logits, codes = self.sequence_logits(sequence[rows, -width:], packed=True)  # (M, n, K), (M, n)
-            total = total + F.cross_entropy(
-                logits.float().flatten(0, 1), codes.flatten(), label_smoothing=self.label_smoothing, reduction="sum"
-            )
-            count += codes.numel()
-        return total / count
 
     def sequence_logits(self, sequence: Tensor, packed: bool | None = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced logits of every target of left-padded windows (B, L + 1), one encoder pass.

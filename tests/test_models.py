@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import quiet_trainer
+from torch.nn import functional as F
 
 from benchmark.registry import config_names, instantiate_model
 from recbench.batch import PAD_ID, SEQUENCE
@@ -95,11 +96,35 @@ def test_excluded_list_marked_short_when_the_model_returns_too_few(tiny_data) ->
     assert short.tolist() == [True, False]
 
 
-def test_sasrec_bce1_loss_runs(tiny_data) -> None:
-    model = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len, loss="bce1")
+def test_sasrec_bce1_loss_is_the_sampled_binary_loss(tiny_data) -> None:
+    torch.manual_seed(0)
+    model = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len, loss="bce1").eval()
     sequence = torch.tensor([[0, 0, 3, 4, 5], [0, 1, 2, 3, 4]])
-    loss = model.loss({SEQUENCE: sequence, "user": torch.tensor([1, 2])})
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    batch = {SEQUENCE: sequence, "user": torch.tensor([1, 2])}
+    torch.manual_seed(1)
+    loss = model.loss(batch)
+    torch.manual_seed(1)
+    inputs, targets = sequence[:, :-1], sequence[:, 1:]
+    valid = (inputs != PAD_ID) & (targets != PAD_ID)
+    hidden, table = model.encode(inputs), model.item_embedding.weight
+    negatives = model._sample_negatives(sequence, targets.shape)
+    positive, negative = (hidden * table[targets]).sum(-1), (hidden * table[negatives]).sum(-1)
+    expected = (F.softplus(-positive) + F.softplus(negative))[valid].mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    ce = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len, loss="ce").eval()
+    ce.load_state_dict(model.state_dict())
+    assert not torch.allclose(ce.loss(batch), loss, atol=1e-3)  # the option changes the loss
+
+
+def test_sasrec_ce_loss_is_the_full_softmax_over_real_positions(tiny_data) -> None:
+    torch.manual_seed(0)
+    model = instantiate_model("sasrec", tiny_data.num_items, tiny_data.max_len).eval()
+    sequence = torch.tensor([[0, 0, 3, 4, 5], [0, 1, 2, 3, 4]])
+    inputs, targets = sequence[:, :-1], sequence[:, 1:]
+    valid = (inputs != PAD_ID) & (targets != PAD_ID)
+    logits = model.encode(inputs)[valid] @ model.item_embedding.weight[1:].T
+    expected = F.cross_entropy(logits, targets[valid] - 1)
+    assert torch.allclose(model.loss({SEQUENCE: sequence}), expected, atol=1e-5)
 
 
 def test_sasrec_output_ignores_padding(tiny_data) -> None:

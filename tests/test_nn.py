@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.nn import functional as F
 
-from recbench.nn import TransformerBlock
+from recbench.nn import Dropout, TransformerBlock, attention, dropout
 
 
 def _left_padded(batch: int, length: int, width: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +63,7 @@ def test_ffn_dropout_option_keeps_parameter_names() -> None:
     default = TransformerBlock(8, 2, 16, dropout=0.5)
     without = TransformerBlock(8, 2, 16, dropout=0.5, ffn_dropout=False).train()
     assert [n for n, _ in default.named_parameters()] == [n for n, _ in without.named_parameters()]
-    assert isinstance(without.ffn[2], torch.nn.Identity) and isinstance(default.ffn[2], torch.nn.Dropout)
+    assert isinstance(without.ffn[2], torch.nn.Identity) and isinstance(default.ffn[2], Dropout)
     x = torch.randn(3, 8)
     assert torch.equal(without.ffn(x), without.ffn(x)), "no dropout inside the FFN, even in train mode"
 
@@ -88,3 +90,33 @@ def test_packed_rows_with_a_prefix_mask_equal_the_row_by_row_decoder() -> None:
     index = real.flatten().nonzero().squeeze(1)
     packed = block.forward_with_memory(x.flatten(0, 1)[index], kv, mask, causal, index, (batch, rows))
     torch.testing.assert_close(packed, expected.flatten(0, 1)[index], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_dropout_keeps_the_expectation_and_the_rate() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(400_000)
+    y = dropout(x, 0.1)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.003, kept
+    assert abs(y.mean().item() - 1.0) < 0.005  # inverted: the kept entries are scaled up
+    assert torch.equal(dropout(x, 0.1, training=False), x) and torch.equal(dropout(x, 0.0), x)
+    assert not dropout(x, 1.0).any()
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1), y), "seeded like every other draw"
+    z = torch.randn(3, 5, requires_grad=True)
+    out = dropout(z, 0.5)
+    out.sum().backward()
+    assert torch.equal(z.grad, (out != 0).float() * 2.0)  # the gradient passes through the same mask
+
+
+def test_cpu_attention_with_dropout_matches_sdpa_in_expectation_and_without_it_exactly() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
+    mask = torch.rand(2, 1, 5, 6) > 0.3
+    mask[..., 0] = True
+    plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(attention(q, k, v, mask, 0.0), plain, atol=1e-6)
+    mean = torch.stack([attention(q, k, v, mask, 0.2) for _ in range(3000)]).mean(0)
+    assert torch.allclose(mean, plain, atol=0.05)
+    with pytest.raises(AssertionError):  # the test can tell dropout from none
+        assert torch.allclose(attention(q, k, v, mask, 0.2), plain, atol=1e-3)

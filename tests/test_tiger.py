@@ -128,7 +128,6 @@ def test_causal_loss_over_windows_equals_the_mean_loss_over_their_pairs(label_sm
     sequence = windows()
     expected = model.loss(every_pair(sequence))  # one encoder pass per target, mean over targets x digits
     assert torch.allclose(model.loss({SEQUENCE: sequence}), expected, atol=1e-5)  # packed (CPU default)
-    assert torch.allclose(model._grouped_sequence_loss(sequence, group=3), expected, atol=1e-5)  # 3 groups
     padded, codes = model.sequence_logits(sequence, packed=False)  # the GPU path
     loss = F.cross_entropy(padded.flatten(0, 2), codes.flatten(), ignore_index=PAD_CODE, label_smoothing=label_smoothing)
     assert torch.allclose(loss, expected, atol=1e-5)
