@@ -133,6 +133,8 @@ class DiffGRM(SemanticIDModel):
         decode_order, fixed_digit_order: ``confidence`` (the paper) or ``fixed`` (ablation).
         merge_duplicate_beams: merge equal partial beams (frees beam slots), off by default.
         beam_chunk_rows: at most this many (user x beam) rows are decoded at once.
+        batch_size: training batch size of this recipe (None: the datamodule's ``batch_size``); see
+            :attr:`~recbench.model.SeqRecModel.training_batch_size`.
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up length in optimiser steps.
         decay_steps: step at which the cosine reaches 0 (default: the trainer's total steps).
@@ -174,6 +176,7 @@ class DiffGRM(SemanticIDModel):
         fixed_digit_order: list[int] | None = None,
         merge_duplicate_beams: bool = False,
         beam_chunk_rows: int = 8192,
+        batch_size: int | None = None,
         lr: float = 3e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 10_000,
@@ -185,12 +188,15 @@ class DiffGRM(SemanticIDModel):
             num_items, max_len, lr, weight_decay, ks, n_digits=n_digits, codebook_size=codebook_size, collision_digit=False
         )
         self.save_hyperparameters()
+        self.training_batch_size = batch_size
         if n_digits < 2:
             raise ValueError(f"n_digits must be >= 2, got {n_digits}")
         if codebook_size < 2 or codebook_size & (codebook_size - 1):
             raise ValueError(f"codebook_size must be a power of two >= 2, got {codebook_size}")
         if min(val_beam, test_beam, beam_chunk_rows) < 1:
             raise ValueError("val_beam, test_beam and beam_chunk_rows must be >= 1")
+        if min(val_beam, test_beam) < max(self.ks):  # fewer decoded IDs than K would truncate the lists
+            raise ValueError(f"val_beam and test_beam must be >= the largest K {max(self.ks)}, got {val_beam}, {test_beam}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
         if masking not in ("guided", "sequential", "random"):

@@ -52,8 +52,10 @@ recorded in the hyper-parameters of every result row):
   0.217, synthetic 0.053 -> 0.381 over the same epochs).
 - ``item_scope``. Items that never occur in training keep their ``N(0, 1)`` initial norm
   (about ``sqrt(d) = 8``) while trained items move, so a dot-product search over all items returns
-  untrained items. ``item_scope="trained"`` (default) retrieves only among items of the training
-  split; ``"all"`` is the reference behaviour.
+  untrained items. ``"trained"`` (default) retrieves among training items; ``"all"``: the reference.
+- ``target_norm``. Detached targets stay near their random initial vectors (only the encoder input
+  moves them), so the target space carries little item similarity; with ``target_norm`` the targets
+  (and retrieval keys) are the rows rescaled to a fixed norm, so trainable targets cannot shrink.
 
 Exact speed-ups (same outputs for the same noise, up to float rounding):
 
@@ -82,9 +84,8 @@ To average over noise, evaluate with several ``eval_seed`` values. Training nois
 global RNG that Lightning seeds.
 
 Data conventions: histories are left-padded with 0 (the reference right-pads with id N), so the
-pooled "last real position" is index ``L - 1``; positions are counted from the oldest real item, as
-in the reference's right-padded layout. With an empty history (all padding; it does not occur under
-leave-one-out or in our session split) the pooled state is ``LN3(0)``, as in the reference.
+pooled "last real position" is index ``L - 1``; positions count from the oldest real item, as in the
+reference. An empty history (never under our protocols) pools to ``LN3(0)``, as in the reference.
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ class DreamRec(SeqRecModel):
         dropout: encoder dropout (embedding, attention, FFN).
         stop_target_gradient: diffuse ``sg(E[target])`` (default) instead of the trainable
             ``E[target]`` of the reference (False), see the module docstring.
+        target_norm: diffuse ``target_norm * E[y] / ||E[y]||`` and retrieve by the same normalised
+            vectors (cosine ranking) instead of the raw rows (None, the reference); with trainable
+            targets the loss can then no longer shrink them, see the module docstring.
         denoiser: ``mlp1`` (one linear layer, every README command) or ``mlp2``.
         encoder: ``faithful`` (the reference's T-enc); the only option so far.
         sampler: ``ddpm`` (exact, all T steps) or ``ddim`` (strided, approximate).
@@ -263,6 +267,7 @@ class DreamRec(SeqRecModel):
         uncond_prob: float = 0.1,
         dropout: float = 0.1,
         stop_target_gradient: bool = True,
+        target_norm: float | None = None,
         denoiser: DenoiserKind = "mlp1",
         encoder: EncoderKind = "faithful",
         sampler: SamplerKind = "ddpm",
@@ -299,6 +304,9 @@ class DreamRec(SeqRecModel):
         self.guidance_weight = guidance_weight
         self.uncond_prob = uncond_prob
         self.stop_target_gradient = stop_target_gradient
+        if target_norm is not None and target_norm <= 0:
+            raise ValueError(f"target_norm must be > 0 or None, got {target_norm}")
+        self.target_norm = target_norm
         self.denoiser_kind: DenoiserKind = denoiser
         self.sampler: SamplerKind = sampler
         self.ddim_steps = ddim_steps
@@ -367,7 +375,7 @@ class DreamRec(SeqRecModel):
                 h, target, weight = hidden.flatten(0, 1), targets.flatten(), valid.flatten().to(hidden.dtype)
         else:
             h, target = self.condition(batch[HISTORY]), batch[TARGET]  # (B, d), (B,)
-        x0 = self.item_embedding(target)  # (M, d)
+        x0 = self.target_vectors(self.item_embedding(target))  # (M, d)
         if self.stop_target_gradient:  # the reference lets the loss shrink its own targets
             x0 = x0.detach()
         h = self.cfg_dropout(h)  # one uniform per target, then t and eps per target
@@ -376,6 +384,13 @@ class DreamRec(SeqRecModel):
             return self.denoise(x_t, cond, self.time_embedding(t))
 
         return self.diffusion.training_loss(denoiser, x0, h, weight=weight)
+
+    def target_vectors(self, rows: Tensor) -> Tensor:
+        """Diffusion targets and retrieval keys ``(..., d)`` from item-table rows: the rows themselves,
+        or rescaled to ``target_norm``."""
+        if self.target_norm is None:
+            return rows
+        return F.normalize(rows, dim=-1) * self.target_norm
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -424,11 +439,8 @@ class DreamRec(SeqRecModel):
         return allowed
 
     def clear_sampling_cache(self) -> None:
-        """Drop the per-evaluation tables and index; call after changing weights by hand.
-
-        Training steps, the start of every validation/test/predict epoch and checkpoint loading
-        call it, so Lightning runs never see stale tables.
-        """
+        """Drop the per-evaluation tables and index; call after changing weights by hand. Training
+        steps, every evaluation epoch's start and checkpoint loading call it (never stale tables)."""
         self._tables = None
         self._index = None
 
@@ -471,7 +483,7 @@ class DreamRec(SeqRecModel):
         table = self.item_embedding.weight
         if self._index is None or self._index.table.device != table.device:
             self._index = ItemIndex(
-                table.float(), allowed=self.retrievable_items(), backend=self.retrieval_backend
+                self.target_vectors(table.float()), allowed=self.retrievable_items(), backend=self.retrieval_backend
             )
         return self._index
 

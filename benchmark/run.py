@@ -80,6 +80,7 @@ from benchmark.store import atomic_write_text as atomic_write_text
 from benchmark.store import locked as locked
 from benchmark.store import read_rows as read_rows
 from benchmark.store import resolve_results_dir as resolve_results_dir
+from recbench.metric_names import ID_LEVEL_PREFIX
 from recbench.data import SeqRecDataModule
 from recbench.model import SELECTION_METRIC, SeqRecModel
 
@@ -435,6 +436,13 @@ def run_one(
             f"approximate: {excluded_short_rate:.1%} of test cases got fewer than {max(model.ks)} items after "
             "excluding history items (the model returned too few candidates)"
         ),
+        # Models whose items share IDs: the same lists scored at ID level (SeqRecModel.shared_id_keys).
+        "id_level_metrics": {
+            name[len("test/") :]: round(float(value), 6)
+            for name, value in test_metrics.items()
+            if name.startswith(f"test/{ID_LEVEL_PREFIX}")
+        }
+        or None,
         "trainer_overrides": {k: str(v) for k, v in trainer_overrides.items()},
         "data_overrides": {k: str(v) for k, v in data_overrides.items()},
     }

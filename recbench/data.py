@@ -869,6 +869,17 @@ class SeqRecDataModule(pl.LightningDataModule):
             )
         return view
 
+    def resolved_batch_size(self) -> int:
+        """The training batch size: the attached model's recipe (``training_batch_size``) where it
+        sets one, else ``batch_size``."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        recipe = getattr(model, "training_batch_size", None)
+        if recipe is None:
+            return self.batch_size
+        if not isinstance(recipe, int) or recipe < 1:
+            raise ValueError(f"the model's training_batch_size must be a positive int, got {recipe!r}")
+        return recipe
+
     def train_rows(self) -> tuple[_Cases, torch.Tensor, Literal["sequence", "pairs"]]:
         """The training rows of the resolved view, their real lengths ``(C,)`` and the view.
 
@@ -892,10 +903,11 @@ class SeqRecDataModule(pl.LightningDataModule):
         bucketed = self.length_buckets is not None
         collate_class = _WindowCollate if view == "sequence" else _CaseCollate
         collate = collate_class(self._flat_items, rows, self.max_len, trim=True)
+        batch_size = self.resolved_batch_size()
         if not bucketed:
             return DataLoader(
                 _IndexDataset(len(rows)),
-                batch_size=self.batch_size,
+                batch_size=batch_size,
                 shuffle=True,
                 collate_fn=collate,
                 num_workers=self.num_workers,
@@ -905,7 +917,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = LengthBucketSampler(
             lengths,
-            self.batch_size,
+            batch_size,
             self.length_buckets,
             seed=torch.initial_seed(),
             num_replicas=world,
@@ -959,7 +971,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             "dataset": self.name,
             "protocol": self.split,
             "fingerprint": self.fingerprint,
-            "batch_size": self.batch_size,
+            "batch_size": self.resolved_batch_size(),
             "length_buckets": self.length_buckets,
             **asdict(counts),
         }

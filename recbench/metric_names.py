@@ -10,6 +10,8 @@ DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
 METRIC_FAMILIES: tuple[str, ...] = ("recall", "ndcg", "mrr")
 #: Suffix of the metrics computed with history items excluded from the ranking.
 EXCLUDED_SUFFIX = "_excl"
+#: Prefix of the ID-level metrics of models whose items can share an ID (``id_ndcg@10``).
+ID_LEVEL_PREFIX = "id_"
 
 
 def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:

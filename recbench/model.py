@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import torch
 
 from recbench.batch import CASE, HISTORY, PAD_ID, TARGET, USER, Batch
-from recbench.metric_names import EXCLUDED_SUFFIX
+from recbench.metric_names import EXCLUDED_SUFFIX, ID_LEVEL_PREFIX
 from recbench.metrics import DEFAULT_KS, DecodeStats, RankingMetrics, case_metric_values, metric_names
 
 SELECTION_METRIC = "val/ndcg@10"
@@ -98,6 +98,13 @@ class SeqRecModel(pl.LightningModule):
         self.val_metrics = RankingMetrics(self.ks)
         self.test_metrics = RankingMetrics(self.ks)
         self.test_metrics_excluded = RankingMetrics(self.ks)
+        #: The same lists scored at ID level (see :meth:`shared_id_keys`); used only by models with shared IDs.
+        self.test_metrics_id = RankingMetrics(self.ks)
+        #: Training batch size of the model's recipe (rows; for a sequence-view model, rows' worth of
+        #: targets, see :mod:`recbench.data`), or None for the datamodule's ``batch_size``. A model
+        #: whose recipe fixes its batch (an lr tuned for it, a step count) sets it from an init argument;
+        #: the datamodule applies it under a Trainer and the row records it.
+        self.training_batch_size: int | None = None
         #: Test cases whose history-excluded list came out shorter than K although enough items exist.
         self.excluded_short = DecodeStats()
         #: Generative models count invalid decoded IDs here from ``recommend``; logged per stage.
@@ -205,6 +212,9 @@ class SeqRecModel(pl.LightningModule):
         self.test_metrics.update(kept, target)
         self.test_metrics_excluded.update(excluded, target)
         self.excluded_short.update(short.sum(), short.numel())
+        keys = self.shared_id_keys()
+        if keys is not None:  # an item sharing the target's ID counts as a hit (reference evaluators)
+            self.test_metrics_id.update(keys[kept], keys[target])
         values = torch.cat(
             [case_metric_values(kept, target, self.ks), case_metric_values(excluded, target, self.ks)], dim=1
         )
@@ -223,6 +233,10 @@ class SeqRecModel(pl.LightningModule):
         self.log_dict({f"test/{name}": value.float() for name, value in values.items()})
         self.log_dict({f"test/{name}{EXCLUDED_SUFFIX}": value.float() for name, value in excluded.items()})
         self.log("test/excluded_short_rate", (short / cases_counted.clamp(min=1)).float())
+        if self.test_metrics_id.update_count:
+            id_level = self.test_metrics_id.compute()
+            self.log_dict({f"test/{ID_LEVEL_PREFIX}{name}": value.float() for name, value in id_level.items()})
+        self.test_metrics_id.reset()
         # Each rank timed its own share in parallel: throughput adds up across ranks.
         self.log("test/users_per_second", local_cases / max(seconds, 1e-9), reduce_fx="sum", sync_dist=True)
         width = len(self.case_value_names)
@@ -249,6 +263,14 @@ class SeqRecModel(pl.LightningModule):
     def run_notes(self) -> dict[str, object]:
         """Settings a result row must record beyond the hyper-parameters (e.g. sampler, index kind)."""
         return {}
+
+    def shared_id_keys(self) -> torch.Tensor | None:
+        """``(N + 1,)`` LongTensor giving each item its ID's key (>= 1; 0 at PAD), for models whose
+        items can share an ID (a semantic ID without a collision digit); None when every item has
+        its own ID. With keys, the test also reports ``id_…`` metrics: the same ranked item lists,
+        where any item sharing the target's ID counts as a hit (the ID-level view of the
+        generative papers' evaluators), so the gap to the item-level metrics shows that inflation."""
+        return None
 
     def item_id_stats(self) -> dict[str, float]:
         """Static facts of the model's item IDs for result rows (e.g. ``collision_rate``); none here."""

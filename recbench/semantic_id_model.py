@@ -126,6 +126,16 @@ class SemanticIDModel(SeqRecModel):
                 "load a checkpoint that has them, or call set_semantic_ids(...)"
             )
 
+    def shared_id_keys(self) -> torch.Tensor | None:
+        """Each item's ID key (see :meth:`SeqRecModel.shared_id_keys`), or None when no two items
+        share an ID (e.g. with a collision digit) or no IDs are installed yet."""
+        if not self.has_semantic_ids:
+            return None
+        unique, inverse = torch.unique(self.sid_codes[1:], dim=0, return_inverse=True)  # over items 1..N
+        if len(unique) == self.num_items:
+            return None
+        return torch.cat([inverse.new_zeros(1), inverse + 1])  # (N + 1,): PAD -> 0
+
     def set_semantic_ids(self, sids: SemanticIDs, info: dict[str, Any] | None = None) -> None:
         """Install ``sids`` as the items' IDs (fills the buffers); ``info`` = provenance for run_notes."""
         if sids.num_items != self.num_items or sids.n_digits != self.n_digits:

@@ -400,7 +400,7 @@ def small_data() -> SyntheticDataModule:
 def test_stage_picks_the_beam_clipping_and_checkpoint_round_trip(small_data, tmp_path, monkeypatch) -> None:
     pl.seed_everything(0)
     model = _tiny_model(
-        small_data.num_items, 3, 8, small_data.max_len, val_beam=3, test_beam=5, warmup_steps=2, dropout=0.1
+        small_data.num_items, 3, 8, small_data.max_len, val_beam=20, test_beam=24, warmup_steps=2, dropout=0.1
     )
     model.set_semantic_ids(_hand_made_sids(3, 8, num_items=small_data.num_items), {"embedding_source": "hand-made"})
     beams_used: list[int] = []
@@ -415,10 +415,10 @@ def test_stage_picks_the_beam_clipping_and_checkpoint_round_trip(small_data, tmp
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1)
     trainer.fit(model, datamodule=small_data)
     assert clips == [1.0, 1.0], "gradient-norm clipping at 1.0 on every step"
-    assert set(beams_used) == {3}, "validation uses val_beam"
+    assert set(beams_used) == {20}, "validation uses val_beam"
     beams_used.clear()
     trainer.test(model, datamodule=small_data, verbose=False)
-    assert set(beams_used) == {5}, "test uses test_beam"
+    assert set(beams_used) == {24}, "test uses test_beam"
 
     path = tmp_path / "diffgrm.ckpt"
     trainer.save_checkpoint(path)
@@ -450,10 +450,15 @@ def test_short_fit_on_synthetic_data_beats_popularity() -> None:
         inner_size=128,
         dropout=0.0,
         warmup_steps=20,
-        val_beam=16,
-        test_beam=16,
+        val_beam=20,
+        test_beam=20,
     )
     diffgrm = fit_and_test(model, data, 3)
     assert str(model.run_notes()["embedding_source"]).startswith("cooccurrence")
     assert diffgrm["test/ndcg@10"] > 1.5 * popularity["test/ndcg@10"], (diffgrm, popularity)
     assert diffgrm["test/recall@10"] > popularity["test/recall@10"]
+
+
+def test_beams_narrower_than_the_largest_k_are_refused() -> None:
+    with pytest.raises(ValueError, match="largest K 20"):
+        _tiny_model(50, 3, 8, 10, val_beam=16, test_beam=32)

@@ -305,3 +305,21 @@ def test_test_metrics_do_not_depend_on_the_evaluation_batch_size() -> None:
     large.pop("test/users_per_second")
     small.pop("test/users_per_second")
     assert large == small
+
+
+def test_target_norm_fixes_the_targets_norm_and_ranks_items_by_cosine() -> None:
+    model = _model(40, target_norm=3.0, stop_target_gradient=False, item_scope="all").train()
+    with torch.no_grad():
+        model.item_embedding.weight[1:21] *= 0.01  # short rows: a dot-product search would never pick them
+    targets = model.target_vectors(model.item_embedding.weight[1:])
+    assert torch.allclose(targets.norm(dim=1), torch.full((40,), 3.0), atol=1e-5)
+    history, target = _histories(40, 16, 8), torch.arange(1, 17)
+    model.loss({"history": history, "target": target, "user": target}).backward()
+    assert bool(model.item_embedding.weight.grad[target].abs().sum() > 0), "trainable targets get a gradient"
+    model.eval()
+    x0 = model.generate(history)
+    ranked = model.recommend(history, 5)
+    keys = torch.nn.functional.normalize(model.item_embedding.weight[1:].detach(), dim=1)
+    assert torch.equal(ranked, (x0 @ keys.T).topk(5, dim=1).indices + 1), "cosine ranking over the normalised rows"
+    with pytest.raises(ValueError, match="target_norm"):
+        _model(target_norm=0.0)

@@ -147,3 +147,38 @@ def test_evaluation_scores_in_float32_under_bf16_autocast(tiny_data) -> None:
         under_autocast = model.ranked_items(history, 20)
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the caller's autocast is restored
     assert torch.equal(plain, under_autocast)
+
+
+def test_a_models_recipe_batch_size_reaches_the_loader_and_the_row() -> None:
+    from datamodules.synthetic import SyntheticDataModule
+
+    data = SyntheticDataModule(scale=0.02, batch_size=64, eval_batch_size=100, length_buckets=None)
+    data.setup()
+    model = instantiate_model("diffgrm", data.num_items, data.max_len, batch_size=16, hidden_size=16)
+    trainer = quiet_trainer(limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    assert data.resolved_batch_size() == 16 and data.describe()["batch_size"] == 16
+    assert next(iter(data.train_dataloader()))["target"].shape[0] == 16
+    model.training_batch_size = None  # without a recipe the data's own batch size applies
+    assert data.resolved_batch_size() == 64
+    model.training_batch_size = 0
+    with pytest.raises(ValueError, match="training_batch_size"):
+        data.train_dataloader()
+
+
+def test_id_level_metrics_count_any_item_sharing_the_targets_id(tiny_data) -> None:
+    model = _model("popularity", tiny_data)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=tiny_data)
+    plain = trainer.test(model, datamodule=tiny_data, verbose=False)[0]
+    assert not any(name.startswith("test/id_") for name in plain), "item-level models report no ID-level metrics"
+    keys = (torch.arange(tiny_data.num_items + 1) + 1) // 2  # items (1, 2), (3, 4), ... share an ID; PAD -> 0
+    model.shared_id_keys = lambda: keys  # type: ignore[method-assign]
+    metrics = trainer.test(model, datamodule=tiny_data, verbose=False)[0]
+    hits, cases = 0, 0
+    for batch in tiny_data.test_dataloader():
+        kept = model.ranked_items(batch["history"], 20)[:, :10]
+        hits += int((keys[kept] == keys[batch["target"]].unsqueeze(1)).any(dim=1).sum())
+        cases += len(kept)
+    assert metrics["test/id_recall@10"] == pytest.approx(hits / cases, abs=1e-6)
+    assert metrics["test/id_recall@10"] > metrics["test/recall@10"] == pytest.approx(plain["test/recall@10"])

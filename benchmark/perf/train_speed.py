@@ -145,7 +145,6 @@ def measure(
     data = instantiate_data(dataset, val_subset=profile.val_subset, **bucketing)
     model = instantiate_model(config, data.num_items, data.max_len)
     data.train_format = model.training_view  # what "auto" resolves to under a Trainer
-    full_batches = len(data.train_dataloader())
     if model.max_useful_epochs is not None:
         epochs = min(epochs, model.max_useful_epochs)
     probe = SpeedProbe(device)
@@ -169,6 +168,7 @@ def measure(
     memory.start()
     trainer.fit(model, datamodule=data)
     peak_mb = memory.peak_mb()
+    full_batches = len(data.train_dataloader())  # under the fit's trainer: the model's recipe batch applies
 
     test_batches = math.ceil(max_test_users / data.eval_batch_size) if max_test_users else 1.0
     tester = pl.Trainer(limit_test_batches=test_batches, **common)
@@ -194,7 +194,7 @@ def measure(
         "class": type(model).__name__,
         "training_view": model.training_view,
         "parameters": model.num_parameters(),
-        "batch_size": data.batch_size,
+        "batch_size": data.resolved_batch_size(),
         "length_buckets": data.length_buckets,
         "batches_per_epoch": full_batches,
         "epochs": len(probe.epochs),
