@@ -80,8 +80,8 @@ from benchmark.store import atomic_write_text as atomic_write_text
 from benchmark.store import locked as locked
 from benchmark.store import read_rows as read_rows
 from benchmark.store import resolve_results_dir as resolve_results_dir
-from recbench.metric_names import ID_LEVEL_PREFIX
 from recbench.data import SeqRecDataModule
+from recbench.metric_names import ID_LEVEL_PREFIX
 from recbench.model import SELECTION_METRIC, SeqRecModel
 
 ROW_SCHEMA_VERSION = 2
