@@ -48,7 +48,7 @@ from recbench.diffusion import (
     random_mask_views,
     random_order,
 )
-from recbench.item_side import semantic_ids_for
+from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock
 from recbench.schedules import WarmupSchedule, scheduler_config, sized_schedule
@@ -118,6 +118,8 @@ class DiffGRM(SemanticIDModel):
         pca_dim, whiten, use_opq, sid_seed: PSE settings (:class:`ParallelPQConfig`); ``pca_dim``
             is clamped to the embedding width and to (training items - 1), rounded down to a
             multiple of ``n_digits``.
+        item_order: order in which a decoded ID expands to its items: ``popularity`` (training
+            occurrences, most frequent first) or ``item_id``.
         hidden_size: d.
         encoder_layers, decoder_layers, num_heads, inner_size: transformer sizes.
         dropout: embedding, attention and residual dropout.
@@ -157,6 +159,7 @@ class DiffGRM(SemanticIDModel):
         whiten: bool = True,
         use_opq: bool = True,
         sid_seed: int = 0,
+        item_order: ItemOrder = "popularity",
         hidden_size: int = 256,
         encoder_layers: int = 1,
         decoder_layers: int = 4,
@@ -185,7 +188,8 @@ class DiffGRM(SemanticIDModel):
         ks: Sequence[int] = DEFAULT_KS,
     ) -> None:
         super().__init__(
-            num_items, max_len, lr, weight_decay, ks, n_digits=n_digits, codebook_size=codebook_size, collision_digit=False
+            num_items, max_len, lr, weight_decay, ks, n_digits=n_digits, codebook_size=codebook_size, collision_digit=False,
+            item_order=item_order,
         )
         self.save_hyperparameters()
         self.training_batch_size = batch_size
@@ -280,7 +284,7 @@ class DiffGRM(SemanticIDModel):
             collision_digit=False,
             seed=hp.sid_seed,
         )
-        return semantic_ids_for(data, config, embeddings), notes
+        return semantic_ids_for(data, config, embeddings, item_order=self.item_order), notes
 
     # ------------------------------------------------------------------ network
     def _tokens(self, codes: Tensor) -> Tensor:

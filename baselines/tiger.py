@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from recbench.batch import HISTORY, PAD_ID, SEQUENCE, TARGET, Batch
 from recbench.beam import BeamResult, beam_search
 from recbench.data import SeqRecDataModule
-from recbench.item_side import semantic_ids_for
+from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock, causal_padding_mask
 from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
@@ -270,6 +270,8 @@ class TIGER(SemanticIDModel):
             training split has fewer items (see the docs).
         collision_digit: append the digit that makes every ID unique (n = levels + 1).
         sid_seed: k-means seed.
+        item_order: which item of a shared ID gets collision code 0, 1, ...: ``popularity`` (training
+            occurrences, most frequent first) or ``item_id``.
         kmeans_iters: Lloyd iterations per level.
         optimizer: ``"adamw"`` or ``"adafactor"`` (torch's, with its relative step size).
         lr: base learning rate.
@@ -304,6 +306,7 @@ class TIGER(SemanticIDModel):
         codebook_size: int = 256,
         collision_digit: bool = True,
         sid_seed: int = 0,
+        item_order: ItemOrder = "popularity",
         kmeans_iters: int = 20,
         optimizer: OptimizerName = "adamw",
         lr: float = 1e-3,
@@ -321,6 +324,7 @@ class TIGER(SemanticIDModel):
             n_digits=levels + int(collision_digit),
             codebook_size=codebook_size,
             collision_digit=collision_digit,
+            item_order=item_order,
         )
         self.save_hyperparameters()
         if history_items < 1 or beam_size < 1 or levels < 1 or codebook_size < 2 or warmup_steps < 0:
@@ -361,7 +365,7 @@ class TIGER(SemanticIDModel):
             seed=self.sid_seed,
             niter=self.kmeans_iters,
         )
-        return semantic_ids_for(datamodule, config, embeddings), info
+        return semantic_ids_for(datamodule, config, embeddings, item_order=self.item_order), info
 
     # ------------------------------------------------------------------ training
     @staticmethod

@@ -100,6 +100,7 @@ class SeqRecModel(pl.LightningModule):
         self.test_metrics_excluded = RankingMetrics(self.ks)
         #: The same lists scored at ID level (see :meth:`shared_id_keys`); used only by models with shared IDs.
         self.test_metrics_id = RankingMetrics(self.ks)
+        self._test_id_keys: torch.Tensor | None = None
         #: Training batch size of the model's recipe (rows; for a sequence-view model, rows' worth of
         #: targets, see :mod:`recbench.data`), or None for the datamodule's ``batch_size``. A model
         #: whose recipe fixes its batch (an lr tuned for it, a step count) sets it from an init argument;
@@ -204,6 +205,7 @@ class SeqRecModel(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_rows = []
         self.decode_stats.reset()
+        self._test_id_keys = self.shared_id_keys()  # once per test: finding them reads the device
         self._clock["test"] = time.perf_counter()
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
@@ -212,7 +214,7 @@ class SeqRecModel(pl.LightningModule):
         self.test_metrics.update(kept, target)
         self.test_metrics_excluded.update(excluded, target)
         self.excluded_short.update(short.sum(), short.numel())
-        keys = self.shared_id_keys()
+        keys = self._test_id_keys
         if keys is not None:  # an item sharing the target's ID counts as a hit (reference evaluators)
             self.test_metrics_id.update(keys[kept], keys[target])
         values = torch.cat(

@@ -47,7 +47,7 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch
     the rounded keep probability, so the output's expectation is the input exactly."""
     count = shape.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
-    dropped = round(p * 65536)  # of 65536 equally likely 16-bit values
+    dropped = min(round(p * 65536), 65535)  # of 65536 equally likely 16-bit values; keep at least one
     keep = words.view(torch.int16)[:count].view(shape) >= dropped - 32768
     return keep, 65536 / (65536 - dropped)
 

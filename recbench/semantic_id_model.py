@@ -29,7 +29,7 @@ from torch import nn
 
 from recbench.batch import PAD_ID
 from recbench.data import SeqRecDataModule
-from recbench.item_side import codebook_size_for, item_embeddings_for
+from recbench.item_side import ItemOrder, codebook_size_for, item_embeddings_for
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel
 from recbench.semantic_ids import PAD_CODE, SemanticIDs
@@ -55,6 +55,8 @@ class SemanticIDModel(SeqRecModel):
         codebook_size: the configured codes per digit; the vocabulary is sized by it, so parameter
             shapes never depend on the data (a small-data fallback uses only the first codes).
         collision_digit: whether the last digit only separates items that share the others.
+        item_order: order of the items that share an ID (:func:`~recbench.item_side.semantic_ids_for`):
+            ``popularity`` (training occurrences) or ``item_id``; for ``build_semantic_ids``.
     """
 
     def __init__(
@@ -68,9 +70,11 @@ class SemanticIDModel(SeqRecModel):
         n_digits: int,
         codebook_size: int,
         collision_digit: bool,
+        item_order: ItemOrder = "popularity",
     ) -> None:
         super().__init__(num_items, max_len, lr, weight_decay, ks)
         self.n_digits, self.codebook_size, self.collision_digit = n_digits, codebook_size, collision_digit
+        self.item_order: ItemOrder = item_order
         self.register_buffer("sid_codes", torch.full((num_items + 1, n_digits), PAD_CODE, dtype=torch.long))
         self.register_buffer("sid_codebook_sizes", torch.zeros(n_digits, dtype=torch.long))  # 0 = not set
         # The order of items that share an ID (SemanticIDs.item_rank); item id order until set.

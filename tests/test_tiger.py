@@ -335,3 +335,16 @@ def test_short_fit_beats_popularity(small_data: SyntheticDataModule, architectur
     assert tiger["test/invalid_id_rate"] == 0.0
     assert tiger["test/ndcg@10"] > 1.5 * popularity["test/ndcg@10"], (tiger, popularity)
     assert tiger["test/recall@10"] > popularity["test/recall@10"]
+
+
+def test_item_order_option_reaches_the_semantic_ids(tiny_data) -> None:
+    from benchmark.registry import instantiate_model
+
+    by_id = instantiate_model("tiger", tiny_data.num_items, tiny_data.max_len, item_order="item_id", hidden_size=16,
+                              embedding_source="collaborative")
+    by_popularity = instantiate_model("tiger", tiny_data.num_items, tiny_data.max_len, hidden_size=16,
+                                      embedding_source="collaborative")
+    assert by_popularity.item_order == "popularity" and by_id.item_order == "item_id"
+    scheme_by_id = by_id.build_semantic_ids(tiny_data)[0].scheme
+    scheme_by_popularity = by_popularity.build_semantic_ids(tiny_data)[0].scheme
+    assert "item_order=training popularity" in scheme_by_popularity and "item_order" not in scheme_by_id
