@@ -1,4 +1,4 @@
-"""Issue 15, item 9: the DiffGRM speed script loads a checkpoint without unpickling code."""
+"""Perf scripts load checkpoints without unpickling code (issue 15, item 9), and decode_variants works."""
 
 from __future__ import annotations
 
@@ -28,3 +28,37 @@ def test_diffgrm_speed_never_unpickles_code_from_a_checkpoint(tmp_path: Path) ->
     with pytest.raises(pickle.UnpicklingError):
         diffgrm_speed.main(["--dataset", "synthetic_tiny", "--checkpoint", str(checkpoint), "--out", str(tmp_path)])
     assert not marker.exists(), "loading the checkpoint executed code from it"
+
+
+def test_decode_variants_never_unpickles_code_from_a_checkpoint(tmp_path: Path) -> None:
+    from benchmark.perf import decode_variants
+
+    marker = tmp_path / "ran"
+    checkpoint = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload(marker)}}, checkpoint)
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do, as long as nothing ran
+        decode_variants.main(["--dataset", "synthetic_tiny", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path)])
+    assert not marker.exists(), "loading the checkpoint executed code from it"
+
+
+def test_decode_variants_compares_item_orders_and_beams_on_one_checkpoint(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from benchmark.perf import decode_variants
+    from benchmark.registry import instantiate_data, instantiate_model
+
+    pl.seed_everything(0)
+    data = instantiate_data("synthetic_tiny")
+    model = instantiate_model("diffgrm", data.num_items, data.max_len, hidden_size=16, embedding_source="collaborative")
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    payload = decode_variants.main(["--dataset", "synthetic_tiny", "--checkpoint", str(checkpoint), "--beams", "20", "24",
+                                    "--profile", "smoke", "--out-dir", str(tmp_path), "--name", "report"])
+    variants = list(payload["results"])
+    assert variants[0].startswith("as stored (item_order=training popularity)") and variants[1:] == [
+        "item_order=item id", "beam=20", "beam=24"]
+    assert all("val/ndcg@10" in metrics for metrics in payload["results"].values())
+    assert (tmp_path / "report.json").exists() and "| beam=24 |" in (tmp_path / "report.md").read_text()
