@@ -380,7 +380,13 @@ class DiffGRM(SemanticIDModel):
         target = self.sid_codes[batch[TARGET]]  # (B, n)
         mask = self.training_masks(memory, target.shape[0])  # (B, V, n)
         logits = self.decoder_logits(memory, apply_mask(target, mask))  # (B, V, n, K'), one encoder pass
-        return masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, self.label_smoothing)
+        targets = target.unsqueeze(1).expand_as(mask)  # (B, V, n)
+        # The einsum's logits are a view of digit-major storage (n, B, V, K'), and the mean over the
+        # masked positions does not depend on their order: taken in that order, flattening copies
+        # nothing (in (B, V, n) order it copies every logit, forward and backward).
+        return masked_cross_entropy(
+            logits.permute(2, 0, 1, 3), targets.permute(2, 0, 1), mask.permute(2, 0, 1), self.label_smoothing
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.adamw()

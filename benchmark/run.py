@@ -7,8 +7,8 @@ version :data:`ROW_SCHEMA_VERSION`) plus ``<results_dir>/runs/<run_id>/`` with t
 paired significance tests.
 
 What a row is: a property of (dataset, protocol, config, seed, profile) -- :data:`KEY_COLUMNS`.
-Profiles end a fit by early stopping (patience on validation NDCG@10) under an epoch or step cap,
-never by the clock, so the same key gives the same row on any hardware up to floating-point noise.
+Profiles end a fit by early stopping (patience on validation NDCG@10, never before the profile's
+``min_epochs``) under an epoch or step cap, never by the clock, so the same key gives the same row on any hardware up to floating-point noise.
 Device, precision, threads and seconds are columns, not identity. A profile may carry a wall-clock
 safety net (``time_limit_minutes``); a fit it ends is stored with ``stopped_by = "time limit"`` and
 ``converged = false`` and never enters a leaderboard mean. ``converged`` is true when patience ran
@@ -127,6 +127,32 @@ ROW_COLUMNS: tuple[str, ...] = (
 )
 
 
+class EarlyStoppingAfter(EarlyStopping):
+    """Lightning's ``EarlyStopping`` that never stops before ``min_epochs`` completed epochs.
+
+    Not the Trainer's ``min_epochs``: there a stop signalled earlier stays set and ends the fit at
+    ``min_epochs`` even if validation has improved since. Here a patience stop signalled before
+    ``min_epochs`` is withdrawn (the wait count keeps running, so the fit stops at the first
+    validation at or after ``min_epochs`` whose last ``patience`` did not improve); stops for a
+    non-finite metric, and other callbacks' stops (the time limit), are left alone."""
+
+    def __init__(self, min_epochs: int, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if min_epochs < 0:
+            raise ValueError(f"min_epochs must be >= 0, got {min_epochs}")
+        self.min_epochs = min_epochs
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        stopping_before = trainer.should_stop
+        super()._run_early_stopping_check(trainer)
+        current = trainer.callback_metrics.get(self.monitor)
+        finite = current is not None and bool(torch.isfinite(current))
+        early = trainer.current_epoch + 1 < self.min_epochs
+        if early and finite and self.wait_count >= self.patience and trainer.should_stop and not stopping_before:
+            trainer.should_stop = False
+            self.stopped_epoch = 0
+
+
 @dataclass(frozen=True)
 class Profile:
     """A benchmark profile (``benchmark/configs/profile/<name>.yaml``); unknown keys are errors.
@@ -135,6 +161,11 @@ class Profile:
         name: profile name recorded in every row.
         max_epochs: epoch budget.
         patience: early-stopping patience in validation epochs.
+        min_epochs: no early stop before this many epochs (patience still counts from the start:
+            the fit stops at the first validation at or after ``min_epochs`` that ends ``patience``
+            non-improving ones). A model that learns only after a plateau at chance level
+            (DreamRec: Beauty and Toys validation NDCG@10 below 0.001 for its first 4-5 epochs) is
+            otherwise stopped there and stored as converged.
         val_subset: validate on this many seeded validation cases (None = all).
         limit_train_batches: cap on training batches per epoch (smoke runs).
         check_val_every_n_epoch: validation cadence.
@@ -154,6 +185,7 @@ class Profile:
     name: str
     max_epochs: int
     patience: int
+    min_epochs: int = 0
     val_subset: int | None = None
     limit_train_batches: int | None = None
     check_val_every_n_epoch: int = 1
@@ -367,15 +399,17 @@ def run_one(
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max", filename="best", save_last=True
     )
-    early_stopping = EarlyStopping(SELECTION_METRIC, mode="max", patience=profile.patience)
+    max_epochs = profile.max_epochs
+    if model.max_useful_epochs is not None:
+        max_epochs = min(max_epochs, model.max_useful_epochs)
+    early_stopping = EarlyStoppingAfter(
+        min(profile.min_epochs, max_epochs), SELECTION_METRIC, mode="max", patience=profile.patience
+    )
     epoch_log = _EpochLog()
     # The Timer's elapsed training time is saved in checkpoints, so a resumed run reports (and is
     # limited by) its whole training time, not only the part after the restart.
     limit = timedelta(minutes=profile.time_limit_minutes) if profile.time_limit_minutes is not None else None
     timer = Timer(limit, verbose=False)
-    max_epochs = profile.max_epochs
-    if model.max_useful_epochs is not None:
-        max_epochs = min(max_epochs, model.max_useful_epochs)
     options: dict[str, object] = {
         "max_epochs": max_epochs,
         "max_steps": profile.max_steps if profile.max_steps is not None else -1,
@@ -506,7 +540,7 @@ def run_one(
 
 def stop_reason(
     timer: Timer,
-    early_stopping: EarlyStopping,
+    early_stopping: EarlyStoppingAfter,
     trainer: pl.Trainer,
     model: SeqRecModel,
     max_epochs: int,

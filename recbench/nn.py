@@ -134,10 +134,20 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         heads = self.num_heads
-        q = self.query(x).view(batch, length, heads, -1).transpose(1, 2)  # (B, H, Lq, Dh)
-        k, v = self.key_value(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+        if context is x:  # self-attention: one projection (q | k | v) instead of two over the same rows
+            q, k, v = self.packed_projection(x).view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        else:
+            q = self.query(x).view(batch, length, heads, -1).transpose(1, 2)  # (B, H, Lq, Dh)
+            k, v = self.key_value(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
         y = attention(q, k, v, mask, self._dropout_p())  # (B, H, Lq, Dh)
         return self.out(y.transpose(1, 2).reshape(batch, length, heads * self.head_dim))
+
+    def packed_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """``cat([query(x), key_value(x)], -1)`` ``(..., 3 H Dh)`` in one matrix product (the same
+        parameters; one product and one input gradient instead of two each)."""
+        weight = torch.cat([self.query.weight, self.key_value.weight])
+        bias = None if self.query.bias is None else torch.cat([self.query.bias, self.key_value.bias])
+        return F.linear(x, weight, bias)
 
     def _dropout_p(self) -> float:
         return self.dropout if self.training else 0.0
@@ -148,7 +158,7 @@ class MultiHeadAttention(nn.Module):
         zero (masked as keys, dropped as queries). Returns ``(M, d)``."""
         batch, length = mask.shape[0], mask.shape[-1]
         width = self.num_heads * self.head_dim
-        qkv = torch.cat([self.query(x), self.key_value(x)], dim=-1)  # (M, 3 H Dh): q | k | v
+        qkv = self.packed_projection(x)  # (M, 3 H Dh): q | k | v
         grid = scatter_rows(qkv, index, batch * length)  # (B * S, 3 H Dh)
         q, k, v = grid.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh)
         y = attention(q, k, v, mask, self._dropout_p())

@@ -18,6 +18,7 @@ from conftest import fit_and_test, quiet_trainer
 from baselines.diffgrm import DiffGRM
 from benchmark.registry import instantiate_model
 from datamodules.synthetic import SyntheticDataModule
+from recbench.batch import HISTORY, TARGET
 from recbench.diffusion import (
     MASKED,
     BeamResult,
@@ -462,3 +463,20 @@ def test_short_fit_on_synthetic_data_beats_popularity() -> None:
 def test_beams_narrower_than_the_largest_k_are_refused() -> None:
     with pytest.raises(ValueError, match="largest K 20"):
         _tiny_model(50, 3, 8, 10, val_beam=16, test_beam=32)
+
+
+def test_loss_in_digit_major_order_equals_the_position_order_loss() -> None:
+    # The loss flattens the logits in their storage order (digits first); the masked mean must be the
+    # same number as over (B, V, n) order, and gradients must reach the same parameters.
+    model = _tiny_model(30, n_digits=4, codebook_size=4, masking="sequential", label_smoothing=0.1)
+    model.set_semantic_ids(_hand_made_sids(4, 4))
+    batch = {HISTORY: torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 7]]), TARGET: torch.tensor([8, 9, 10])}
+    torch.manual_seed(3)
+    loss = model.loss(batch)
+    torch.manual_seed(3)
+    memory = model.encode(batch[HISTORY])
+    target = model.sid_codes[batch[TARGET]]
+    mask = model.training_masks(memory, 3)
+    logits = model.decoder_logits(memory, apply_mask(target, mask)).contiguous()
+    expected = masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, 0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)

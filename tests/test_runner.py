@@ -21,6 +21,7 @@ from benchmark.run import (
     KEY_COLUMNS,
     METRIC_COLUMNS,
     ROW_COLUMNS,
+    EarlyStoppingAfter,
     append_row,
     read_rows,
 )
@@ -307,3 +308,53 @@ def test_a_profile_sets_the_training_batch_size_and_records_compilation(tmp_path
     (config,) = (tmp_path / "results" / "runs").glob("*/config.json")
     resolved = json.loads(config.read_text())
     assert resolved["data"]["batch_size"] == 7 and resolved["profile"]["batch_size"] == 7
+
+
+def test_early_stopping_waits_for_min_epochs_and_then_stops_on_patience() -> None:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from recbench.model import SELECTION_METRIC
+
+    # Validation flat for 5 epochs (a plateau at chance level), then two improvements, then flat.
+    curve = [0.1] * 5 + [0.2, 0.3] + [0.3] * 13
+
+    class Scripted(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch: list[torch.Tensor], index: int) -> torch.Tensor:
+            return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch: list[torch.Tensor], index: int) -> None:
+            self.log(SELECTION_METRIC, curve[self.current_epoch])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.ones(2, 1)), batch_size=2)
+
+        def val_dataloader(self) -> DataLoader:
+            return self.train_dataloader()
+
+    def fit(min_epochs: int) -> tuple[int, EarlyStoppingAfter]:
+        stopper = EarlyStoppingAfter(min_epochs, SELECTION_METRIC, mode="max", patience=2)
+        trainer = pl.Trainer(
+            max_epochs=len(curve), callbacks=[stopper], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        )
+        trainer.fit(Scripted())
+        return trainer.current_epoch, stopper
+
+    epochs, stopper = fit(0)
+    assert epochs == 3 and stopper.stopped_epoch == 2  # patience 2 ends the plateau
+    epochs, stopper = fit(8)
+    # The plateau's stops are withdrawn, the improvements at epochs 5 and 6 reset the wait, and the
+    # first validation at or after 8 epochs with 2 non-improving ones ends the fit.
+    assert epochs == 9 and stopper.stopped_epoch == 8
+    assert stopper.best_score.item() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="min_epochs"):
+        EarlyStoppingAfter(-1, SELECTION_METRIC)
