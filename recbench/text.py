@@ -514,8 +514,8 @@ def collaborative_item_embeddings(
     Items that never co-occur with another item in training (in particular items seen only in
     validation/test) get a **zero vector**: nothing is known about them, and a made-up vector would
     pretend otherwise. ``n_placeholder`` counts the items with a zero vector. Downstream,
-    quantisers put all zero rows in one cell, so they share a semantic-ID prefix (and, with a
-    collision digit, must fit in its range).
+    quantisers put all zero rows in one cell, so they share a semantic-ID prefix (with a collision
+    digit, residual k-means numbers them by its last level so that every ID stays unique).
 
     Reproducibility: same inputs give the same table up to BLAS round-off. ARPACK's float64
     results can differ in the last bits between runs (OpenBLAS kernels depend on memory

@@ -319,3 +319,20 @@ def test_semantic_ids_for_orders_shared_ids_by_training_popularity(tmp_path: Pat
     assert sorted(real.tolist()) == sorted(items[items > 0].tolist())  # the same items ...
     assert torch.equal(items[items > 0], real.sort().values)  # ... by id before
     assert bool((counts[real][:-1] >= counts[real][1:]).all()) and not torch.equal(real, real.sort().values)
+
+
+def test_items_with_nothing_known_are_numbered_by_the_last_level() -> None:
+    # 200 items without training co-occurrence (zero collaborative vectors) fill one cell at every
+    # level: a collision digit of 16 cannot tell them apart unless the last level numbers them.
+    emb = random_embeddings(n=600)
+    emb[401:] = 0.0
+    mask = torch.zeros(601, dtype=torch.bool)
+    mask[1:401] = True  # the unknown items are not training items
+    sids = fit_residual_kmeans(emb, mask, levels=2, codebook_size=16)
+    assert sids.keys[1:].unique().numel() == 600  # every ID unique
+    unknown = sids.codes[401:]
+    assert (unknown[:, 0] == unknown[0, 0]).all()  # the first level still says "unknown"
+    assert torch.equal(unknown[:, 1], torch.arange(200) % 16)  # numbered round-robin in item order
+    assert "unknown_items_numbered=200" in sids.scheme
+    known = fit_residual_kmeans(emb[:401], mask[:401], levels=2, codebook_size=16)
+    assert torch.equal(sids.codes[1:401, :2], known.codes[1:, :2])  # known items keep their codes
