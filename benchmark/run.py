@@ -8,7 +8,8 @@ paired significance tests.
 
 What a row is: a property of (dataset, protocol, config, seed, profile) -- :data:`KEY_COLUMNS`.
 Profiles end a fit by early stopping (patience on validation NDCG@10, never before the profile's
-``min_epochs``) under an epoch or step cap, never by the clock, so the same key gives the same row on any hardware up to floating-point noise.
+``min_epochs``) under an epoch or step cap, never by the clock, so the same key gives the same row
+on any hardware up to floating-point noise.
 Device, precision, threads and seconds are columns, not identity. A profile may carry a wall-clock
 safety net (``time_limit_minutes``); a fit it ends is stored with ``stopped_by = "time limit"`` and
 ``converged = false`` and never enters a leaderboard mean. ``converged`` is true when patience ran
