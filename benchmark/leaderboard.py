@@ -162,6 +162,9 @@ def render_section(key: tuple[str, str, str], rows: polars.DataFrame, references
             note = f"; {figure.note}" if figure.note else ""
             out.write(f"| {figure.source} | {figure.model} | {figure.history} | " + " | ".join(values)
                       + f" | {confidence}{note} |\n")
+    else:
+        out.write("\nPublished figures: none for this data and protocol (`benchmark/references.yaml` lists only "
+                  "figures measured on the same split; its header says why a dataset has none).\n")
 
     left_out = rows.filter(~polars.col("converged"))
     if left_out.height:

@@ -170,7 +170,7 @@ def test_quick_semantics_end_by_patience_or_the_epoch_cap(tmp_path: Path) -> Non
 def test_the_same_key_from_two_devices_is_one_run_and_the_leaderboard_shows_both(tmp_path: Path) -> None:
     import polars
 
-    from benchmark.leaderboard import render_markdown, summarise
+    from benchmark.leaderboard import PublishedFigure, render_markdown, summarise
 
     path = tmp_path / "d.csv"
     append_row(path, {**_row(1), "device": "cpu A", "ndcg@10": 0.1, "converged": True})
@@ -187,6 +187,10 @@ def test_the_same_key_from_two_devices_is_one_run_and_the_leaderboard_shows_both
     assert summary["seeds"] == 2 and summary["ndcg@10"] == pytest.approx(0.2)
     assert summary["devices"] == "cpu A, gpu B"
     assert "cpu A, gpu B" in render_markdown(table, references=[])
+    assert "Published figures: none for this data and protocol" in render_markdown(table, references=[])
+    figure = PublishedFigure("a paper", "M", "d", "kept", "V", {"ndcg@10": 0.1})
+    same_split = render_markdown(table.with_columns(polars.lit("leave_one_out").alias("protocol")), [figure])
+    assert "Published figures (reference lines" in same_split and "Published figures: none" not in same_split
 
 
 def test_bench_writes_to_the_local_dir_and_prints_the_stored_reference_beside(tmp_path: Path) -> None:
