@@ -1,9 +1,10 @@
 """The ``recbench`` command: one dispatcher, one convention (jsonargparse) for every subcommand.
 
 - ``fit|validate|test|predict``: LightningCLI (:mod:`benchmark.lightning_cli`);
-- ``bench|compare|leaderboard``: command lines built from the typed functions
-  :func:`benchmark.run.bench`, :func:`benchmark.leaderboard.compare` and
-  :func:`benchmark.leaderboard.leaderboard` (:mod:`benchmark.function_cli`);
+- ``bench|compare|leaderboard|bands``: command lines built from the typed functions
+  :func:`benchmark.run.bench`, :func:`benchmark.leaderboard.compare`,
+  :func:`benchmark.leaderboard.leaderboard` and :func:`benchmark.bands.popularity_bands`
+  (:mod:`benchmark.function_cli`);
 - ``data``: dataset statistics, preparation, semantic IDs and checksum verification.
 
 Every subcommand's module is imported only when it runs: ``recbench --help`` imports neither torch
@@ -57,6 +58,12 @@ def _leaderboard(argv: list[str]) -> None:
     leaderboard_command(argv)
 
 
+def _bands(argv: list[str]) -> None:
+    from benchmark.function_cli import bands_command
+
+    bands_command(argv)
+
+
 def _data(argv: list[str]) -> None:
     if argv and argv[0] == "verify":
         from benchmark.data_verify import main as verify_main
@@ -76,6 +83,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench", "fit and test model configs x seeds under a profile; one stored row per run", _bench),
     Command("compare", "train or load a run and rank it against stored rows, with paired tests", _compare),
     Command("leaderboard", "render stored rows as mean ± std per model (Markdown and plots)", _leaderboard),
+    Command("bands", "stored runs' test scores by the training popularity of the target", _bands),
     Command("data", "dataset statistics, cache preparation, semantic IDs, checksum verification", _data),
 )
 COMMAND_NAMES = tuple(command.name for command in COMMANDS)

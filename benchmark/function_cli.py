@@ -1,7 +1,8 @@
-"""``recbench bench|compare|leaderboard``: a jsonargparse command line built from a typed function.
+"""``recbench bench|compare|leaderboard|bands``: a jsonargparse command line built from a typed function.
 
-The three commands are the functions :func:`benchmark.run.bench`,
-:func:`benchmark.leaderboard.compare` and :func:`benchmark.leaderboard.leaderboard`; their
+The four commands are the functions :func:`benchmark.run.bench`,
+:func:`benchmark.leaderboard.compare`, :func:`benchmark.leaderboard.leaderboard` and
+:func:`benchmark.bands.popularity_bands`; their
 signatures and docstrings *are* the command line (``parser.add_function_arguments``), so a parameter
 added to one of them appears as an option, in ``--help`` and in ``--print_config`` without a change
 here. Every command gets the LightningCLI conventions: ``--config FILE`` (YAML; repeatable, later
@@ -211,6 +212,14 @@ def compare_command(argv: Sequence[str]) -> None:
     parser, config = parse(compare, "recbench compare", argv)
     _check_names(config, models=False)
     compare(**function_arguments(compare, parser, config))  # type: ignore[arg-type]
+
+
+def bands_command(argv: Sequence[str]) -> None:
+    from benchmark.bands import popularity_bands
+
+    parser, config = parse(popularity_bands, "recbench bands", argv)
+    _check_names(config, models=False)
+    popularity_bands(**function_arguments(popularity_bands, parser, config))  # type: ignore[arg-type]
 
 
 def leaderboard_command(argv: Sequence[str]) -> None:

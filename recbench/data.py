@@ -845,6 +845,12 @@ class SeqRecDataModule(pl.LightningDataModule):
         counts[PAD_ID] = 0
         return counts
 
+    def test_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(users, targets)``, each ``(C,)``: the user and target item of every test case, in the
+        case order of the per-case test metrics (:attr:`recbench.model.SeqRecModel.test_cases`)."""
+        self.setup()
+        return self._test_cases.user, self._flat_items[self._test_cases.position]
+
     def train_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training prefixes as a flat item array and offsets ``(U + 1,)`` (CSR layout)."""
         self.setup()

@@ -57,7 +57,7 @@ def test_help_lists_every_subcommand_without_importing_torch(tmp_path: Path) -> 
     result = _recbench("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["fit", "validate", "test", "predict", "bench", "compare", "leaderboard", "data"]
+    assert listed == ["fit", "validate", "test", "predict", "bench", "compare", "leaderboard", "bands", "data"]
     # `recbench --help` and `recbench leaderboard` must start fast: neither imports torch.
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, benchmark.cli, benchmark.leaderboard, benchmark.function_cli, "
