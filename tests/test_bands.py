@@ -1,4 +1,5 @@
-"""`recbench bands`: per-case metrics of a stored run split by the training popularity of the target."""
+"""Popularity diagnostics: `recbench bands` (stored per-case metrics by the target's training popularity)
+and `benchmark.perf.recommended_popularity` (how popular the items a checkpoint recommends are)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import polars
 import pytest
+import torch
 
 from benchmark.bands import band_means, popularity_bands, popularity_ranks
+from benchmark.perf.recommended_popularity import recommended_popularity
 from benchmark.registry import ConfigError
 from benchmark.store import read_rows
+from datamodules.synthetic import SyntheticDataModule
 from recbench.data import DataFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +81,23 @@ def test_rows_of_other_data_are_refused(stored_popularity: Path, tmp_path: Path)
         popularity_bands("synthetic_tiny", profile="smoke", results_dir=results, write=False)
     with pytest.raises(ConfigError, match="no leave_one_out row .* for sasrec"):
         popularity_bands("synthetic_tiny", configs=["sasrec"], profile="smoke", results_dir=results, write=False)
+
+
+class _FixedLists(torch.nn.Module):
+    """Recommends the same items to everyone."""
+
+    def __init__(self, items: torch.Tensor) -> None:
+        super().__init__()
+        self.items = items
+
+    def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
+        return self.items[:k].unsqueeze(0).expand(history.shape[0], k)
+
+
+def test_recommended_popularity_of_the_head_and_of_the_tail(tiny_data: SyntheticDataModule) -> None:
+    ranks = popularity_ranks(tiny_data.train_item_counts().numpy())
+    by_rank = torch.from_numpy(np.argsort(ranks))  # item ids, most trained first; padding last
+    head = recommended_popularity(_FixedLists(by_rank[:10]), tiny_data, users=50, k=10)  # type: ignore[arg-type]
+    assert head["users"] == 50 and head["share_on_top10"] == 1.0 and head["median_rank"] == 4.5
+    tail = recommended_popularity(_FixedLists(by_rank[-11:-1]), tiny_data, users=50, k=10)  # type: ignore[arg-type]
+    assert tail["share_on_top100"] == 0.0 and tail["median_rank"] == tiny_data.num_items - 5.5
