@@ -56,32 +56,13 @@ recorded in the hyper-parameters of every result row):
 - ``target_norm``. Detached targets stay near their random initial vectors (only the encoder input
   moves them), so the target space carries little item similarity; with ``target_norm`` the targets
   (and retrieval keys) are the rows rescaled to a fixed norm, so trainable targets cannot shrink.
+- ``popularity_prior`` ``b`` (default 0, the paper): retrieval scores ``x0 · E[j] + b log(1 + n_j)``
+  with ``n_j`` item ``j``'s training count. The random target space has no popularity direction
+  (item-row norm vs count, Spearman 0.12 on Steam), so without it DreamRec almost never recommends
+  head items and loses to popularity where test targets crowd there (Steam; ``recbench bands``).
 
-Exact speed-ups (same outputs for the same noise, up to float rounding):
-
-- the whole evaluation batch is one chain (the state is only ``B x d``; make ``eval_batch_size``
-  large, results do not depend on it, see *Noise* below);
-- the time embeddings of all ``T`` steps, and for ``mlp1`` also ``W_t temb_i + b``, are computed once
-  per evaluation; the posterior coefficients are device buffers of ``GaussianDiffusion``;
-- the conditional and unconditional calls are fused. ``mlp1`` is affine, so
-  ``x̂0 = W_x x + W_t temb_i + b + W_h ((1 + w) h - w ∅)``: one ``(B, d) x (d, d)`` matmul per step with
-  the guided condition term computed once per batch. ``mlp2`` runs both branches as one ``2B``
-  batch.
-
-``generate(..., path="naive")`` keeps the reference's loop (two denoiser calls per step and the time
-MLP at every step) for the speed benchmark ``benchmark/perf/dreamrec_sampling.py`` and the
-fused-equals-naive test. ``sampler="ddim"`` (strided DDIM with ``ddim_steps`` steps) is an
-**approximate** speed-up; :meth:`DreamRec.sampler_description` says so, for the result rows.
-
-Noise. Evaluation noise is seeded by ``eval_seed`` and *keyed by history*
-(:class:`~recbench.diffusion.KeyedNoise` over :func:`~recbench.diffusion.sequence_keys`): the noise
-a case receives is a pure function of ``(eval_seed, its history, the draw number)``. So
-``recommend`` is a deterministic function of the history, and the metrics do not depend on the
-evaluation batch size, the order of the batches or the number of DDP processes; every validation
-epoch reuses the same noise per case (common random numbers, so epochs are compared on equal
-terms). Two cases with identical histories receive identical samples (they are the same input).
-To average over noise, evaluate with several ``eval_seed`` values. Training noise comes from the
-global RNG that Lightning seeds.
+Sampling speed-ups (exact ones and the approximate DDIM) and the evaluation noise, keyed by history
+so that ``recommend`` is a deterministic function of it: ``docs/models/dreamrec.md``.
 
 Data conventions: histories are left-padded with 0 (the reference right-pads with id N), so the
 pooled "last real position" is index ``L - 1``; positions count from the oldest real item, as in the
@@ -93,7 +74,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -248,6 +229,7 @@ class DreamRec(SeqRecModel):
             (the reference: every item but PAD).
         retrieval_backend: :class:`~recbench.retrieval.ItemIndex` backend (``auto``: faiss when
             installed).
+        popularity_prior: weight of ``log(1 + training count)`` added to retrieval scores (0: off).
         training_view: ``sequence`` (one encoder pass per user window, every target at once;
             default) or ``pairs`` (one pass per target, the reference), see the module docstring.
         lr, weight_decay, ks: see :class:`~recbench.model.SeqRecModel`. The
@@ -276,6 +258,7 @@ class DreamRec(SeqRecModel):
         eval_seed: int = 0,
         item_scope: ItemScope = "trained",
         retrieval_backend: Backend = "auto",
+        popularity_prior: float = 0.0,
         training_view: TrainingView = "sequence",
         lr: float = 5e-3,
         weight_decay: float = 0.0,
@@ -297,6 +280,9 @@ class DreamRec(SeqRecModel):
             raise ValueError(f"ddim_steps must be in [1, timesteps={timesteps}], got {ddim_steps}")
         if item_scope not in ("trained", "all"):
             raise ValueError(f"item_scope must be trained or all, got {item_scope!r}")
+        if popularity_prior < 0:
+            raise ValueError(f"popularity_prior must be >= 0, got {popularity_prior}")
+        self.popularity_prior = popularity_prior
         if training_view not in ("sequence", "pairs"):
             raise ValueError(f"training_view must be sequence or pairs, got {training_view!r}")
         self.training_view = training_view  # type: ignore[misc]  # per instance: the datamodule asks it
@@ -331,6 +317,7 @@ class DreamRec(SeqRecModel):
         # buffer so that a checkpoint evaluates the same way without its datamodule. All False =
         # not known yet.
         self.register_buffer("train_items", torch.zeros(num_items + 1, dtype=torch.bool))
+        self.register_buffer("log_train_counts", torch.zeros(num_items + 1))  # the prior's log(1 + n_j)
         self._tables: _SamplingTables | None = None
         self._index: ItemIndex | None = None
 
@@ -410,10 +397,11 @@ class DreamRec(SeqRecModel):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, SeqRecDataModule):
-            self.set_train_items(datamodule.train_item_mask())
+            self.set_train_items(datamodule.train_item_mask(), datamodule.train_item_counts())
 
-    def set_train_items(self, mask: Tensor) -> None:
-        """Set the items of the training split (BoolTensor ``(N + 1,)``), used by ``item_scope="trained"``."""
+    def set_train_items(self, mask: Tensor, counts: Tensor | None = None) -> None:
+        """Set the items of the training split (BoolTensor ``(N + 1,)``), used by ``item_scope="trained"``,
+        and optionally their training counts ``(N + 1,)``, used by ``popularity_prior``."""
         if mask.shape != self.train_items.shape or mask.dtype != torch.bool:
             raise ValueError(
                 f"train item mask must be a bool tensor of shape {tuple(self.train_items.shape)}, "
@@ -422,6 +410,8 @@ class DreamRec(SeqRecModel):
         with torch.no_grad():
             self.train_items.copy_(mask)
             self.train_items[PAD_ID] = False
+            if counts is not None:
+                self.log_train_counts.copy_(torch.log1p(counts.float()))
         self.clear_sampling_cache()
 
     def retrievable_items(self) -> Tensor:
@@ -456,8 +446,10 @@ class DreamRec(SeqRecModel):
         super().on_predict_epoch_start()
         self.clear_sampling_cache()
 
-    def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        # Checkpoints from before popularity_prior lack the counts: zeros, and the prior refuses them.
+        checkpoint["state_dict"].setdefault("log_train_counts", torch.zeros_like(self.log_train_counts))
         self.clear_sampling_cache()
 
     @torch.no_grad()
@@ -482,8 +474,13 @@ class DreamRec(SeqRecModel):
         """The nearest-item index over ``E`` restricted to :meth:`retrievable_items`, built once per evaluation."""
         table = self.item_embedding.weight
         if self._index is None or self._index.table.device != table.device:
+            bias = None
+            if self.popularity_prior > 0:
+                if not bool(self.log_train_counts.any()):
+                    raise RuntimeError("popularity_prior needs training counts: set_train_items(mask, counts)")
+                bias = self.popularity_prior * self.log_train_counts
             self._index = ItemIndex(
-                self.target_vectors(table.float()), allowed=self.retrievable_items(), backend=self.retrieval_backend
+                self.target_vectors(table.float()), self.retrievable_items(), self.retrieval_backend, item_bias=bias
             )
         return self._index
 
@@ -577,7 +574,8 @@ class DreamRec(SeqRecModel):
         """One line for result rows: the index backend and the item scope."""
         allowed = int(self.retrievable_items().sum())
         backend = self.item_index().describe()
-        return f"{backend}, item_scope={self.item_scope} ({allowed} of {self.num_items} items)"
+        prior = f", popularity_prior={self.popularity_prior:g}" if self.popularity_prior else ""
+        return f"{backend}, item_scope={self.item_scope} ({allowed} of {self.num_items} items){prior}"
 
     def run_notes(self) -> dict[str, object]:
         """Recorded in every result row: sampler (exact or approximate), noise seed, retrieval."""

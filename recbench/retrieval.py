@@ -61,6 +61,9 @@ class ItemIndex:
         allowed: optional BoolTensor ``(N + 1,)``; only these items can be returned.
         backend: ``auto``, ``torch`` or ``faiss`` (see the module docstring).
         kind: ``exact`` (default), or approximate ``ivf`` / ``hnsw`` (faiss only).
+        item_bias: optional ``(N + 1,)`` score added to each item's inner product (a prior, e.g.
+            a popularity term). Stored as one more table column that every query meets with a 1,
+            so every backend and index kind searches ``q · e_j + bias_j`` unchanged.
         nlist: IVF cells; ``nprobe``: IVF cells searched; ``hnsw_m``: HNSW graph degree.
     """
 
@@ -70,12 +73,18 @@ class ItemIndex:
         allowed: torch.Tensor | None = None,
         backend: Backend = "auto",
         kind: IndexKind = "exact",
+        item_bias: torch.Tensor | None = None,
         nlist: int = 256,
         nprobe: int = 16,
         hnsw_m: int = 32,
     ) -> None:
         if table.dim() != 2 or table.shape[0] < 2:
             raise ValueError(f"table must be (N + 1, D) with N >= 1, got {tuple(table.shape)}")
+        if item_bias is not None:
+            if item_bias.shape != (table.shape[0],):
+                raise ValueError(f"item_bias must be ({table.shape[0]},), got {tuple(item_bias.shape)}")
+            table = torch.cat([table, item_bias.to(table).unsqueeze(1)], dim=1)  # (N + 1, D + 1)
+        self.biased = item_bias is not None
         if allowed is None:
             allowed = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
         allowed = allowed.to(table.device).clone()
@@ -130,6 +139,8 @@ class ItemIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` items for each query ``(B, D)``: ``(scores, items)``, both ``(B, k)``."""
+        if self.biased:
+            queries = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], dim=1)  # (B, D + 1)
         if self.backend == "torch":
             return exact_top_items(queries.to(self.table.dtype), self.table, k, self.allowed)
         assert self._faiss_index is not None
@@ -146,4 +157,4 @@ class ItemIndex:
 
     def describe(self) -> str:
         """What a result row records: backend and exactness."""
-        return f"{self.backend}:{self.kind}"
+        return f"{self.backend}:{self.kind}" + (" + item bias" if self.biased else "")

@@ -275,6 +275,26 @@ def test_fit_takes_the_training_items_from_the_datamodule_and_checkpoints_keep_t
     assert torch.equal(restored.eval().recommend(history, 20), model.eval().recommend(history, 20))
 
 
+def test_popularity_prior_moves_the_most_trained_items_up_and_needs_the_counts() -> None:
+    n = 40
+    counts = torch.zeros(n + 1, dtype=torch.long)
+    counts[1:] = torch.arange(n, 0, -1) ** 2  # item 1 the most trained
+    history = _histories(n, 16, 8)
+    plain = _model(n, item_scope="all")
+    prior = _model(n, item_scope="all", popularity_prior=1000.0)
+    prior.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match="training counts"):
+        prior.recommend(history, 5)
+    prior.set_train_items(counts > 0, counts)
+    assert torch.equal(prior.recommend(history, 5), torch.arange(1, 6).expand(16, 5))  # the prior dominates
+    assert not torch.equal(plain.recommend(history, 5), prior.recommend(history, 5))
+    assert "popularity_prior=1000" in prior.retrieval_description()
+    old = {k: v for k, v in prior.state_dict().items() if k != "log_train_counts"}  # before the option
+    checkpoint = {"state_dict": old}
+    prior.on_load_checkpoint(checkpoint)
+    assert not bool(checkpoint["state_dict"]["log_train_counts"].any())
+
+
 # ------------------------------------------------------------------------------------------------
 # Learning
 # ------------------------------------------------------------------------------------------------

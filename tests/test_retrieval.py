@@ -47,3 +47,19 @@ def test_approximate_index_is_opt_in_and_recorded() -> None:
     assert not bool((items == PAD_ID).any())
     with pytest.raises(ValueError, match="approximate"):
         ItemIndex(table, backend="torch", kind="ivf")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=pytest.mark.skipif(
+    not faiss_available(), reason="faiss not installed"))])
+def test_item_bias_adds_a_per_item_score_on_every_backend(backend: str) -> None:
+    table, queries = _table(200, 16), torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    bias = 3.0 * torch.rand(201, generator=torch.Generator().manual_seed(2))
+    index = ItemIndex(table, backend=backend, item_bias=bias)
+    assert index.describe() == f"{backend}:exact + item bias"
+    scores, items = index.search(queries, 10)
+    brute = queries @ table[1:].T + bias[1:]  # (32, 200)
+    assert torch.equal(items, brute.argsort(dim=1, descending=True)[:, :10] + 1)
+    assert torch.allclose(scores, brute.gather(1, items - 1), atol=1e-4)
+    assert not torch.equal(items, ItemIndex(table, backend=backend).search(queries, 10)[1])  # the bias matters
+    with pytest.raises(ValueError, match="item_bias must be"):
+        ItemIndex(table, item_bias=bias[1:])
