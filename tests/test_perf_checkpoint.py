@@ -1,4 +1,4 @@
-"""Perf scripts load checkpoints without unpickling code (issue 15, item 9), and decode_variants works."""
+"""Perf scripts load checkpoints without unpickling code (issue 15, item 9); decode_variants and dreamrec_prior work."""
 
 from __future__ import annotations
 
@@ -62,3 +62,27 @@ def test_decode_variants_compares_item_orders_and_beams_on_one_checkpoint(tmp_pa
         "item_order=item id", "beam=20", "beam=24"]
     assert all("val/ndcg@10" in metrics for metrics in payload["results"].values())
     assert (tmp_path / "report.json").exists() and "| beam=24 |" in (tmp_path / "report.md").read_text()
+
+
+def test_dreamrec_prior_chooses_on_validation_and_tests_the_choice_and_zero(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from benchmark.perf import dreamrec_prior
+    from benchmark.registry import instantiate_data, instantiate_model
+
+    pl.seed_everything(0)
+    data = instantiate_data("synthetic_tiny")
+    model = instantiate_model("dreamrec", data.num_items, data.max_len, timesteps=10)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    payload = dreamrec_prior.main(["--dataset", "synthetic_tiny", "--checkpoint", str(checkpoint), "--priors", "0", "2",
+                                   "1000", "--profile", "smoke", "--out-dir", str(tmp_path), "--name", "report"])
+    result = payload["result"]
+    validation = result["val_ndcg@10"]
+    assert list(validation) == [0.0, 2.0, 1000.0] and result["chosen_prior"] == max(validation, key=validation.get)
+    assert validation[1000.0] != validation[0.0], "the prior changes the ranking"
+    assert set(result["test"]) == {0.0, result["chosen_prior"]}
+    assert "Chosen on validation" in (tmp_path / "report.md").read_text()

@@ -12,7 +12,6 @@ profile's seeded subset. Writes ``<out-dir>/<name>.json`` and ``.md`` atomically
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmark.perf.common import environment, write_report
+from benchmark.perf.common import checkpoint_parser, environment, parse_checkpoint_args, write_report
 from benchmark.registry import instantiate_data
 from benchmark.run import load_profile
 from recbench.semantic_id_model import SemanticIDModel
@@ -86,16 +85,9 @@ def _markdown(payload: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--profile", default="quick", help="whose validation subset to use")
+    parser = checkpoint_parser(__doc__, "decode_variants")
     parser.add_argument("--beams", type=int, nargs="*", default=[], help="validation beam widths to try")
-    parser.add_argument("--out-dir", type=Path, default=Path("results/perf/recipe_checks"))
-    parser.add_argument("--name", default=None, help="report name (default: decode_variants_<dataset>)")
-    args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        parser.error(f"no checkpoint at {args.checkpoint}")
+    args = parse_checkpoint_args(parser, argv)
     payload = {
         "checkpoint": str(args.checkpoint),
         "dataset": args.dataset,

@@ -13,7 +13,6 @@ noise is keyed by history (``eval_seed``), so every ``b`` ranks the same generat
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from baselines.dreamrec import DreamRec
-from benchmark.perf.common import environment, write_report
+from benchmark.perf.common import checkpoint_parser, environment, parse_checkpoint_args, write_report
 from benchmark.registry import instantiate_data
 from benchmark.run import load_profile
 
@@ -74,16 +73,9 @@ def _markdown(payload: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--profile", default="quick", help="whose validation subset to use")
+    parser = checkpoint_parser(__doc__, "dreamrec_prior")
     parser.add_argument("--priors", type=float, nargs="+", default=list(DEFAULT_PRIORS))
-    parser.add_argument("--out-dir", type=Path, default=Path("results/perf/recipe_checks"))
-    parser.add_argument("--name", default=None, help="report name (default: dreamrec_prior_<dataset>)")
-    args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        parser.error(f"no checkpoint at {args.checkpoint}")
+    args = parse_checkpoint_args(parser, argv)
     if min(args.priors) < 0:
         parser.error(f"priors must be >= 0, got {args.priors}")
     payload = {
