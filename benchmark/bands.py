@@ -116,7 +116,7 @@ def popularity_bands(
 
     Args:
         dataset: data config name or YAML; the rows are read from ``<results_dir>/<data name>.csv``.
-        configs: model configs to show, in this order (default: every stored config of the profile).
+        configs: model configs to show, in this order (default: every config with a converged row).
         profile: profile of the rows.
         seed: seed of the rows.
         metric: a per-case metric column (``ndcg@10``, ``recall@10``, ``ndcg@10_excl`` ...).
@@ -136,13 +136,17 @@ def popularity_bands(
         (line, row) for line, row in enumerate(read_rows(csv_path), start=2)  # line 1 is the header
         if row["profile"] == profile and int(row["seed"]) == seed and row["protocol"] == data.split
     ]
+    # As on the leaderboard, only converged fits: a row a clock cut short describes no model.
+    unconverged = [row["config"] for _, row in rows if row["converged"] != "True"]
+    rows = [(line, row) for line, row in rows if row["converged"] == "True"]
     stored = [row["config"] for _, row in rows]
     wanted = configs or list(dict.fromkeys(stored))
     missing = [config for config in wanted if config not in stored]
     if not wanted or missing:
         raise ConfigError(
-            f"{csv_path}: no {data.split} row of profile {profile!r}, seed {seed} for "
-            f"{', '.join(missing) or 'any config'}; stored: {', '.join(stored) or 'none'}"
+            f"{csv_path}: no converged {data.split} row of profile {profile!r}, seed {seed} for "
+            f"{', '.join(missing) or 'any config'}; converged: {', '.join(stored) or 'none'}; "
+            f"not converged: {', '.join(unconverged) or 'none'}"
         )
     users, targets = (t.numpy() for t in data.test_targets())
     target_ranks = popularity_ranks(data.train_item_counts().numpy())[targets]

@@ -79,8 +79,18 @@ def test_rows_of_other_data_are_refused(stored_popularity: Path, tmp_path: Path)
     (results / "synthetic-x0.02.csv").write_text(text.replace(fingerprint, "0123456789abcdef"))
     with pytest.raises(DataFormatError, match=r"synthetic-x0.02.csv:2: .*not this data's"):
         popularity_bands("synthetic_tiny", profile="smoke", results_dir=results, write=False)
-    with pytest.raises(ConfigError, match="no leave_one_out row .* for sasrec"):
+    with pytest.raises(ConfigError, match="no converged leave_one_out row .* for sasrec"):
         popularity_bands("synthetic_tiny", configs=["sasrec"], profile="smoke", results_dir=results, write=False)
+
+
+def test_rows_that_did_not_converge_are_left_out(stored_popularity: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    text = (stored_popularity / "synthetic-x0.02.csv").read_text()
+    assert ",complete,True," in text
+    (results / "synthetic-x0.02.csv").write_text(text.replace(",complete,True,", ",time limit,False,"))
+    with pytest.raises(ConfigError, match="not converged: popularity"):
+        popularity_bands("synthetic_tiny", profile="smoke", results_dir=results, write=False)
 
 
 class _FixedLists(torch.nn.Module):
