@@ -41,20 +41,27 @@ def test_decode_variants_never_unpickles_code_from_a_checkpoint(tmp_path: Path) 
     assert not marker.exists(), "loading the checkpoint executed code from it"
 
 
-def test_decode_variants_compares_item_orders_and_beams_on_one_checkpoint(tmp_path: Path) -> None:
+def _tiny_checkpoint(tmp_path: Path, config: str, **init_args: object) -> Path:
+    """A model config fitted for two batches of synthetic_tiny (seed 0), saved as a checkpoint."""
     import lightning.pytorch as pl
 
-    from benchmark.perf import decode_variants
     from benchmark.registry import instantiate_data, instantiate_model
 
     pl.seed_everything(0)
     data = instantiate_data("synthetic_tiny")
-    model = instantiate_model("diffgrm", data.num_items, data.max_len, hidden_size=16, embedding_source="collaborative")
+    model = instantiate_model(config, data.num_items, data.max_len, **init_args)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
+    return checkpoint
+
+
+def test_decode_variants_compares_item_orders_and_beams_on_one_checkpoint(tmp_path: Path) -> None:
+    from benchmark.perf import decode_variants
+
+    checkpoint = _tiny_checkpoint(tmp_path, "diffgrm", hidden_size=16, embedding_source="collaborative")
     payload = decode_variants.main(["--dataset", "synthetic_tiny", "--checkpoint", str(checkpoint), "--beams", "20", "24",
                                     "--profile", "smoke", "--out-dir", str(tmp_path), "--name", "report"])
     variants = list(payload["results"])
@@ -65,19 +72,9 @@ def test_decode_variants_compares_item_orders_and_beams_on_one_checkpoint(tmp_pa
 
 
 def test_dreamrec_prior_chooses_on_validation_and_tests_the_choice_and_zero(tmp_path: Path) -> None:
-    import lightning.pytorch as pl
-
     from benchmark.perf import dreamrec_prior
-    from benchmark.registry import instantiate_data, instantiate_model
 
-    pl.seed_everything(0)
-    data = instantiate_data("synthetic_tiny")
-    model = instantiate_model("dreamrec", data.num_items, data.max_len, timesteps=10)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=data)
-    checkpoint = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = _tiny_checkpoint(tmp_path, "dreamrec", timesteps=10)
     payload = dreamrec_prior.main(["--dataset", "synthetic_tiny", "--checkpoint", str(checkpoint), "--priors", "0", "2",
                                    "1000", "--profile", "smoke", "--out-dir", str(tmp_path), "--name", "report"])
     result = payload["result"]
