@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars
@@ -448,6 +449,44 @@ def paired_test(new: np.ndarray, stored: np.ndarray, metric: str, resamples: int
                       mean / sd if sd > 0 else 0.0, t_p, boot_p, mean - half_width, mean + half_width)
 
 
+@dataclass(frozen=True)
+class SeedTest:
+    """Welch's t-test on two configs' per-seed test metrics: it measures training-seed variance,
+    which a per-case test within one seed never sees (two seeds of one config often differ there
+    with p < 1e-4)."""
+
+    metric: str
+    seeds_new: int
+    seeds_stored: int
+    mean_new: float
+    mean_stored: float
+    mean_difference: float
+    pvalue: float
+    #: 95% interval of the difference of seed means (Welch-Satterthwaite degrees of freedom).
+    ci_low: float
+    ci_high: float
+
+
+def seed_test(new: Sequence[float], stored: Sequence[float], metric: str) -> SeedTest:
+    """Welch's two-sample t-test over seeds (each value one seed's test metric); >= 2 seeds each."""
+    from scipy import stats
+
+    a, b = np.asarray(new, dtype=float), np.asarray(stored, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"a seed-level test needs >= 2 seeds on each side, got {len(a)} and {len(b)}")
+    difference = float(a.mean() - b.mean())
+    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(var_a + var_b)
+    if se == 0.0:
+        return SeedTest(metric, len(a), len(b), float(a.mean()), float(b.mean()), difference,
+                        1.0 if difference == 0.0 else 0.0, difference, difference)
+    df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    pvalue = float(2 * stats.t.sf(abs(difference) / se, df))
+    half_width = float(stats.t.ppf(0.975, df)) * se
+    return SeedTest(metric, len(a), len(b), float(a.mean()), float(b.mean()), difference, pvalue,
+                    difference - half_width, difference + half_width)
+
+
 def _run_cases(results_dir: Path, run_id: str) -> polars.DataFrame:
     path = results_dir / "runs" / run_id / "cases.parquet"
     if not path.exists():
@@ -555,3 +594,37 @@ def compare(
               f"{holm[index]:>9.2e} {result.bootstrap_pvalue:>9.4f}")
     for line in skipped:
         print(line)
+    _print_seed_tests(table, new_row, converged)
+
+
+def _print_seed_tests(table: polars.DataFrame, new_row: dict[str, Any], new_converged: bool) -> None:
+    """The seed-level section of ``compare``: the new config's converged seeds (the new run and the
+    config's other stored seeds) against each stored config's, Holm over the stored configs."""
+    metrics = ("ndcg@10", "recall@10")
+    config = str(new_row["config"])
+    own = table.filter((polars.col("config") == config) & (polars.col("seed") != str(new_row["seed"])))
+    new_values = {m: [float(v) for v in own[m].to_list()] + ([float(new_row[m])] if new_converged else []) for m in metrics}
+    seeds_new = len(new_values["ndcg@10"])
+    print(f"\nseed-level tests (Welch t over per-seed test metrics, training-seed variance included; "
+          f"{config}: {seeds_new} converged seed(s)):")
+    if seeds_new < 2:
+        print(f"  needs >= 2 converged seeds of {config}; run more seeds (recbench bench --seeds 1,2,3)")
+        return
+    tests: list[tuple[str, SeedTest]] = []
+    for (stored_config,), group in table.filter(polars.col("config") != config).group_by("config", maintain_order=True):
+        if group.height >= 2:
+            tests += [(str(stored_config), seed_test(new_values[m], group[m].cast(polars.Float64).to_list(), m))
+                      for m in metrics]
+    if not tests:
+        print("  no stored config has >= 2 converged seeds")
+        return
+    holm: dict[int, float] = {}
+    for metric in metrics:
+        indices = [i for i, (_, test) in enumerate(tests) if test.metric == metric]
+        holm |= dict(zip(indices, holm_adjusted([tests[i][1].pvalue for i in indices]), strict=True))
+    print(f"{'stored config':<28} {'metric':<10} {'seeds':>7} {'new':>7} {'stored':>7} {'diff':>8} {'95% CI':>19} "
+          f"{'p(Welch)':>9} {'p(Holm)':>9}")
+    for index, (stored_config, test) in enumerate(tests):
+        interval = f"[{test.ci_low:+.4f}, {test.ci_high:+.4f}]"
+        print(f"{stored_config:<28} {test.metric:<10} {f'{test.seeds_new}/{test.seeds_stored}':>7} {test.mean_new:>7.4f} "
+              f"{test.mean_stored:>7.4f} {test.mean_difference:>+8.4f} {interval:>19} {test.pvalue:>9.2e} {holm[index]:>9.2e}")

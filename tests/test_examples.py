@@ -42,6 +42,7 @@ def test_compare_ranks_the_example_model(tmp_path: Path) -> None:
     ranking = [line.split()[1] for line in result.stdout.splitlines() if line.strip()[:1].isdigit() and "  " in line]
     assert "mean_pool" in ranking and "popularity" in ranking
     assert any(line.startswith("popularity") and "ndcg@10" in line for line in result.stdout.splitlines())
+    assert "needs >= 2 converged seeds of mean_pool" in result.stdout  # one seed: no seed-level test
 
 
 def test_own_lightning_script_prints_the_benchmark_metrics(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmark.leaderboard import holm_adjusted, paired_test
+from benchmark.leaderboard import holm_adjusted, paired_test, seed_test
 from benchmark.run import (
     EXCLUDED_METRIC_COLUMNS,
     KEY_COLUMNS,
@@ -272,6 +273,25 @@ def test_holm_adjustment_against_hand_computation() -> None:
     assert holm_adjusted([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
     assert holm_adjusted([0.9, 0.8]) == pytest.approx([1.0, 1.0])
     assert holm_adjusted([]) == []
+
+
+def test_seed_test_is_welchs_test_over_seeds() -> None:
+    from scipy import stats
+
+    new, stored = [0.0131, 0.0155, 0.0114], [0.0156, 0.0141, 0.0149]
+    result = seed_test(new, stored, "ndcg@10")
+    assert (result.seeds_new, result.seeds_stored) == (3, 3)
+    assert result.mean_difference == pytest.approx(sum(new) / 3 - sum(stored) / 3)
+    assert result.pvalue == pytest.approx(stats.ttest_ind(new, stored, equal_var=False).pvalue)
+    assert result.ci_low < result.mean_difference < result.ci_high and result.ci_low < 0 < result.ci_high
+    # a deterministic stored config (popularity: one value on every seed) has no spread of its own
+    clear = seed_test([0.0131, 0.0155, 0.0114], [0.0051] * 3, "ndcg@10")
+    t_statistic = clear.mean_difference / (statistics.stdev([0.0131, 0.0155, 0.0114]) / 3**0.5)
+    assert clear.pvalue == pytest.approx(2 * stats.t.sf(t_statistic, 2))  # Welch's df: the new side's n - 1
+    assert clear.pvalue < 0.05 and clear.ci_low > 0
+    assert seed_test([0.2, 0.2], [0.1, 0.1], "ndcg@10").pvalue == 0.0
+    with pytest.raises(ValueError, match=">= 2 seeds"):
+        seed_test([0.1], [0.1, 0.2], "ndcg@10")
 
 
 @pytest.fixture(scope="module")
