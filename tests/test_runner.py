@@ -276,8 +276,6 @@ def test_holm_adjustment_against_hand_computation() -> None:
 
 
 def test_seed_test_is_welchs_test_over_seeds() -> None:
-    from scipy import stats
-
     new, stored = [0.0131, 0.0155, 0.0114], [0.0156, 0.0141, 0.0149]
     result = seed_test(new, stored, "ndcg@10")
     assert (result.seeds_new, result.seeds_stored) == (3, 3)
