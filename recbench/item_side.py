@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from recbench.data import SeqRecDataModule, cache_root
-from recbench.semantic_ids import SemanticIDConfig, SemanticIDs, cached_semantic_ids, faiss_threads
+from recbench.semantic_ids import SemanticIDConfig, SemanticIDs, cached_semantic_ids
 from recbench.text import (
     DEFAULT_ENCODER,
     ItemEmbeddings,
@@ -106,10 +106,10 @@ def semantic_ids_for(
     """
     if embeddings.num_items != data.num_items:
         raise ValueError(f"embeddings cover {embeddings.num_items} items, the data has {data.num_items}")
-    with faiss_threads(1):
-        sids = cached_semantic_ids(
-            embeddings.vectors.to(torch.float32), data.train_item_mask(), config, item_side_cache_for(data, cache_dir)
-        )
+    sids = cached_semantic_ids(
+        embeddings.vectors.to(torch.float32), data.train_item_mask(), config, item_side_cache_for(data, cache_dir),
+        fit_threads=1,
+    )
     if item_order == "item_id":
         return sids
     return sids.ordered_by(popularity_rank(data.train_item_counts()), "training popularity")

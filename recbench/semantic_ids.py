@@ -811,6 +811,7 @@ def cached_semantic_ids(
     train_item_mask: Tensor,
     config: SemanticIDConfig,
     cache_dir: Path,
+    fit_threads: int | None = None,
 ) -> SemanticIDs:
     """Fit semantic IDs once and cache them on disk.
 
@@ -831,7 +832,8 @@ def cached_semantic_ids(
         if meta.get("key") == key and tensors["codes"].shape[0] == embeddings.shape[0]:
             return SemanticIDs.from_state_dict(tensors)
         log.warning("ignoring stale or mismatching semantic-ID cache %s", path)
-    sids = config.fit(embeddings, train_item_mask)
+    with faiss_threads(fit_threads):  # only a fit needs faiss: a cache hit loads on a machine without it
+        sids = config.fit(embeddings, train_item_mask)
     meta = {"key": key, "scheme": sids.scheme, "params": json.loads(params), "stats": asdict(sids.stats())}
     atomic_save_tensors(path, sids.state_dict(include_derived=False), meta)
     return sids

@@ -299,6 +299,24 @@ def test_cached_semantic_ids(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
 
 
+def test_a_cache_hit_needs_no_faiss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU machine has no faiss: it loads the semantic IDs fitted and carried from the CPU side.
+    import recbench.semantic_ids as semantic_ids
+
+    emb, mask = random_embeddings(), train_mask(400)
+    config = ParallelPQConfig(codebook_size=8, pca_dim=16)
+    fitted = cached_semantic_ids(emb, mask, config, tmp_path, fit_threads=1)
+
+    def no_faiss() -> None:
+        raise ModuleNotFoundError("no faiss on this machine")
+
+    monkeypatch.setattr(semantic_ids, "_require_faiss", no_faiss)
+    loaded = cached_semantic_ids(emb, mask, config, tmp_path, fit_threads=1)
+    assert torch.equal(loaded.codes, fitted.codes)
+    with pytest.raises(ModuleNotFoundError, match="no faiss"):  # a miss still fits, and says why it cannot
+        cached_semantic_ids(emb, ~mask, config, tmp_path, fit_threads=1)
+
+
 def test_semantic_ids_for_orders_shared_ids_by_training_popularity(tmp_path: Path) -> None:
     from datamodules.synthetic import SyntheticDataModule
     from recbench.item_side import item_embeddings_for, semantic_ids_for
