@@ -818,7 +818,9 @@ def cached_semantic_ids(
     Key = SHA-256 of (embedding table bytes, train item mask, tokenizer type and all its
     parameters, cache format version). Stored as ``sid_<hash>.pt`` (plain tensors, loaded with
     ``weights_only=True``) plus a JSON sidecar with the scheme, parameters and stats; both
-    written atomically. ``fit_seconds`` on a cache hit is the original fit's.
+    written atomically. ``fit_seconds`` on a cache hit is the original fit's. ``fit_threads``
+    limits faiss's threads during a fit (:func:`faiss_threads`); a cache hit never imports faiss, so
+    IDs fitted elsewhere load on a machine without it (the GPU image).
     """
     params = json.dumps({"type": type(config).__name__, **asdict(config)}, sort_keys=True)
     h = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION}\0{params}\0".encode())
