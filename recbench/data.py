@@ -918,6 +918,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                 collate_fn=collate,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
+                pin_memory=self.pin_memory,
             )
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -937,7 +938,17 @@ class SeqRecDataModule(pl.LightningDataModule):
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
+
+    @property
+    def pin_memory(self) -> bool:
+        """Batches are built in page-locked memory when the trainer runs on CUDA: a copy from pageable
+        memory is staged by the driver, which may wait for the kernels already queued (a host-device
+        synchronisation per batch); from pinned memory Lightning's ``non_blocking`` copy is truly
+        asynchronous, so the host queues the next step while the device runs this one."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _eval_loader(self, cases: _Cases) -> DataLoader:
         dataset = _IndexDataset(len(cases))
@@ -956,6 +967,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             sampler=sampler,
             collate_fn=_CaseCollate(self._flat_items, cases, self.max_len, trim=True),
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -271,3 +271,23 @@ def test_sequence_batches_hold_equal_target_counts_so_every_target_weighs_alike(
     # pairs view (one target per row): plain batch_size rows, as before
     pairs = LengthBucketSampler(lengths, batch_size=32, buckets=8, seed=1).epoch_batches(0)
     assert sorted(len(b) for b in pairs)[1:] == [32] * (len(pairs) - 1)
+
+
+@pytest.mark.parametrize("length_buckets", [DEFAULT_LENGTH_BUCKETS, None])
+def test_batches_are_pinned_only_for_a_cuda_trainer(length_buckets: int | None) -> None:
+    """Page-locked batches when the trainer runs on CUDA (an asynchronous copy; see
+    ``SeqRecDataModule.pin_memory``), plain ones otherwise; the flag follows the attached trainer."""
+    from types import SimpleNamespace
+
+    data = SyntheticDataModule(
+        scale=0.02, batch_size=64, eval_batch_size=100, train_format="sequence", length_buckets=length_buckets
+    )
+    data.setup()
+    assert not data.pin_memory and not data.train_dataloader().pin_memory
+    data.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu")), world_size=1, global_rank=0, lightning_module=None
+    )
+    assert not data.train_dataloader().pin_memory
+    data.trainer.strategy.root_device = torch.device("cuda", 0)
+    loaders = [data.train_dataloader(), data.val_dataloader(), data.test_dataloader()]
+    assert all(loader.pin_memory for loader in loaders)

@@ -72,13 +72,14 @@ def _prepare(tmp: Path, plan: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _run_script(tmp: Path, stored: Path, out: Path) -> subprocess.CompletedProcess[str]:
+def _run_script(tmp: Path, stored: Path, out: Path, test_seconds: int = 0) -> subprocess.CompletedProcess[str]:
     """run.sh as on the GPU machine: no raw data (RECBENCH_DATA_DIR unset; the script points it at an
-    empty folder), a fresh cache, no wheels to install (this venv has the packages)."""
+    empty folder), a fresh cache, no wheels to install (this venv has the packages); the CUDA tests
+    after the bench only when ``test_seconds`` > 0."""
     (tmp / "no-wheels").mkdir(exist_ok=True)
     env = _python_env(
         OUT=str(out), PYTHON=sys.executable, GPU_SITE=str(tmp / "site"), GPU_WORK=str(tmp / "work"),
-        GPU_WHEELS=str(tmp / "no-wheels"), GPU_CARRY=str(tmp / "carry"),
+        GPU_WHEELS=str(tmp / "no-wheels"), GPU_CARRY=str(tmp / "carry"), GPU_TEST_SECONDS=str(test_seconds),
         GPU_BENCH_ARGS=f"--stored-results {stored} --reserve-seconds 0 --min-fit-seconds 0",
     )
     return subprocess.run(["bash", str(ROOT / "benchmark" / "gpu" / "run.sh")], cwd=ROOT, env=env,
@@ -94,14 +95,18 @@ def gpu_round(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     shutil.rmtree(tmp / "data")  # the raw files do not travel
     stored = tmp / "stored"
     stored.mkdir()
-    run = _run_script(tmp, stored, tmp / "out")
+    run = _run_script(tmp, stored, tmp / "out", test_seconds=60)
     return {"tmp": tmp, "prepared": prepared, "run": run, "out": tmp / "out"}
 
 
 def test_the_script_runs_from_the_carried_caches_and_its_rows_import(gpu_round: dict, tmp_path: Path) -> None:
     run, out = gpu_round["run"], gpu_round["out"]
     assert run.returncode == 0, run.stdout + run.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["gpu-bench.log", "results.tar.gz", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-bench.log", "gpu-tests.log", "results.tar.gz", "summary.json"]
+    # The CUDA tests ran after the bench; without CUDA each one skips.
+    tests_log = (out / "gpu-tests.log").read_text()
+    assert " skipped" in tests_log and "failed" not in tests_log and "error" not in tests_log.lower(), tests_log
+    assert "CUDA tests exit 0" in run.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["config"], r["status"]) for r in summary["runs"]] == [("popularity", "stored"), ("sasrec", "stored")]
     assert summary["commit"] not in ("", "unknown")
