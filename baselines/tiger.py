@@ -41,7 +41,7 @@ from recbench.data import SeqRecDataModule
 from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock, causal_padding_mask
-from recbench.schedules import ScheduleKind, scheduler_config, sized_schedule
+from recbench.schedules import ScheduleKind, fit_steps, scheduler_config, sized_schedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import PAD_CODE, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
@@ -278,6 +278,7 @@ class TIGER(SemanticIDModel):
         weight_decay: decoupled weight decay.
         lr_schedule: ``"constant"``, ``"inverse_sqrt"`` or ``"cosine"`` (per optimiser step).
         warmup_steps: linear warm-up (constant, cosine) or constant phase (inverse_sqrt) in steps.
+        decay_epochs: cosine reaches 0 after this many epochs' steps; None: at the profile's cap.
         ks: see :class:`~recbench.model.SeqRecModel`.
     """
 
@@ -313,6 +314,7 @@ class TIGER(SemanticIDModel):
         weight_decay: float = 0.0,
         lr_schedule: ScheduleKind = "constant",
         warmup_steps: int = 0,
+        decay_epochs: int | None = None,
         ks: Sequence[int] = DEFAULT_KS,
     ) -> None:
         super().__init__(
@@ -346,6 +348,9 @@ class TIGER(SemanticIDModel):
         self.levels = levels
         self.sid_seed, self.kmeans_iters = sid_seed, kmeans_iters
         self.optimizer_name, self.lr_schedule, self.warmup_steps = optimizer, lr_schedule, warmup_steps
+        if decay_epochs is not None and (decay_epochs < 1 or lr_schedule != "cosine"):
+            raise ValueError(f"decay_epochs (got {decay_epochs}) needs lr_schedule='cosine' and a value >= 1")
+        self.decay_epochs = decay_epochs
         self.network = _TigerNetwork(
             self.n_digits, codebook_size, self.history_items, architecture, encoder_input, hidden_size,
             encoder_layers, decoder_layers, num_heads, head_dim, ffn_size, dropout, output_head,
@@ -436,7 +441,7 @@ class TIGER(SemanticIDModel):
             optimizer = self.adamw(parameters)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
-        schedule = sized_schedule(self.lr_schedule, self.warmup_steps, float(self.trainer.estimated_stepping_batches))
+        schedule = sized_schedule(self.lr_schedule, self.warmup_steps, fit_steps(self.trainer, self.decay_epochs))
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, schedule)}
 
     # ------------------------------------------------------------------ decoding

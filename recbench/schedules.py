@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import lightning.pytorch as pl
 import torch
 
 ScheduleKind = Literal["constant", "cosine", "inverse_sqrt"]
@@ -67,6 +68,19 @@ def sized_schedule(kind: ScheduleKind, warmup_steps: int, allowed_steps: float) 
         return WarmupSchedule(kind, warmup_steps, None)
     total = int(allowed_steps)
     return WarmupSchedule(kind, min(warmup_steps, total // 2), total)
+
+
+def fit_steps(trainer: pl.Trainer, decay_epochs: int | None = None) -> float:
+    """The optimiser steps a schedule is sized for: the fit's cap (``estimated_stepping_batches``),
+    or the steps of its first ``decay_epochs`` epochs when that comes sooner (a cosine that reaches
+    its floor near where early stopping ends a fit, instead of at an epoch cap it never meets)."""
+    cap = float(trainer.estimated_stepping_batches)  # loads the training batches, so their count is known
+    if decay_epochs is None:
+        return cap
+    if decay_epochs < 1:
+        raise ValueError(f"decay_epochs must be >= 1 or None, got {decay_epochs}")
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    return min(cap, float(decay_epochs * per_epoch))
 
 
 def scheduler_config(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> dict[str, object]:

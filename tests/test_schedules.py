@@ -45,3 +45,43 @@ def test_scheduler_steps_the_optimiser_learning_rate() -> None:
         optimizer.step()
         config["scheduler"].step()
     assert rates == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 8)).item())])
+
+
+def test_fit_steps_is_the_cap_or_the_first_decay_epochs() -> None:
+    from types import SimpleNamespace
+
+    from recbench.schedules import fit_steps
+
+    trainer = SimpleNamespace(estimated_stepping_batches=1000, num_training_batches=41, accumulate_grad_batches=2)
+    assert fit_steps(trainer) == 1000  # type: ignore[arg-type]
+    assert fit_steps(trainer, decay_epochs=10) == 10 * 21  # type: ignore[arg-type]  # ceil(41 / 2) steps per epoch
+    assert fit_steps(trainer, decay_epochs=100) == 1000  # type: ignore[arg-type]  # never past the cap
+    with pytest.raises(ValueError, match="decay_epochs"):
+        fit_steps(trainer, decay_epochs=0)  # type: ignore[arg-type]
+
+
+def test_tiger_decays_over_its_decay_epochs(tiny_data) -> None:
+    import lightning.pytorch as pl
+
+    from baselines.tiger import TIGER
+    from tests.conftest import quiet_trainer
+
+    with pytest.raises(ValueError, match="decay_epochs"):
+        TIGER(num_items=5, decay_epochs=10)  # a constant schedule has nothing to decay
+
+    class Rates(pl.Callback):
+        def __init__(self) -> None:
+            self.rates: list[tuple[int, float]] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            self.rates.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    model = TIGER(num_items=tiny_data.num_items, architecture="causal", encoder_input="item", history_items=50,
+                  hidden_size=16, num_heads=2, ffn_size=32, encoder_layers=1, decoder_layers=1, codebook_size=16,
+                  embedding_source="collaborative", lr=1e-2, lr_schedule="cosine", warmup_steps=1, decay_epochs=2)
+    rates = Rates()
+    quiet_trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=0, callbacks=[rates]).fit(model, datamodule=tiny_data)
+    by_epoch = {epoch: [rate for e, rate in rates.rates if e == epoch] for epoch in range(3)}
+    assert max(by_epoch[0]) == pytest.approx(1e-2)
+    assert 0 < by_epoch[1][-1] < 1e-3  # the last step of epoch 2 is one step short of the floor
+    assert by_epoch[2] == [0.0] * len(by_epoch[2])  # past decay_epochs: at the floor, not at the cap
