@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmark.registry import config_names, instantiate_model
+from datamodules.synthetic import SyntheticDataModule
 from recbench.batch import USER
 from recbench.metrics import RankingMetrics
 from recbench.model import SeqRecModel
@@ -84,21 +85,24 @@ class _NoSyncBetweenSteps(pl.Callback):
 
 
 @pytest.mark.parametrize("name", ["sasrec", "dreamrec", "tiger", "diffgrm", "tiger_paper", "diffgrm_paper", "dreamrec_paper"])
-def test_fit_steps_do_not_synchronise(name: str, tiny_data) -> None:
+def test_fit_steps_do_not_synchronise(name: str) -> None:
     """Issue 13's GPU hot path, in a real Lightning fit at the paper profile's precision: no step
-    after the second waits on the device."""
-    model = _gpu_model(name, tiny_data)
+    after the second waits on the device. The data is large enough for six batches of the largest
+    recipe batch (diffgrm_paper's 1,024 pairs)."""
+    data = SyntheticDataModule(scale=0.1, batch_size=64, eval_batch_size=256)
+    data.setup()
+    model = _gpu_model(name, data)
     guard = _NoSyncBetweenSteps()
     trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=6, limit_val_batches=0,
                          log_every_n_steps=1000, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, precision="bf16-mixed", callbacks=[guard])
     try:
-        trainer.fit(model, datamodule=tiny_data)
+        trainer.fit(model, datamodule=data)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert guard.checked_steps == 4
     # Batches come through pinned buffers: a copy from pageable memory may wait for the queued
     # kernels, which the sync debug mode does not see (the driver waits, not torch).
-    assert tiny_data.pin_memory
-    batch = next(iter(tiny_data.train_dataloader()))
+    assert data.pin_memory
+    batch = next(iter(data.train_dataloader()))
     assert all(value.is_pinned() for value in batch.values())
