@@ -4,11 +4,12 @@
 # ".carry"] built by `make gpu-prepare` and timeout_s 600:
 #   installs the carried wheels into $GPU_SITE, points recbench at the carried caches (the raw data
 #   does not travel: RECBENCH_DATA_DIR is an empty folder), and runs benchmark.gpu.bench, which fits
-#   the next missing paper rows until GPU_BENCH_SECONDS (default 540) after this script started and
-#   leaves results.tar.gz, summary.json and gpu-bench.log in $OUT. `timeout` is the last safety net:
-#   it ends the bench 30 s after that deadline, inside the call's 600 s.
-#   The last GPU_TEST_SECONDS (default 90) of the window go to the CUDA tests (`pytest -m gpu`: the
-#   no-sync checks of issue 13 among them), whose output is $OUT/gpu-tests.log; 0 skips them.
+#   the next missing paper rows until GPU_BENCH_SECONDS (default 540) minus GPU_TEST_SECONDS (default
+#   90) after this script started and leaves results.tar.gz, summary.json and gpu-bench.log in $OUT.
+#   `timeout` is the last safety net: it ends the bench 30 s after that deadline. The last
+#   GPU_TEST_SECONDS of the window go to the CUDA tests (`pytest -m gpu`: the no-sync checks of
+#   issue 13 among them), whose output is $OUT/gpu-tests.log; 0 skips them. All of it ends inside
+#   the call's 600 s.
 # Overridable (tests): PYTHON, GPU_SITE, GPU_WORK, GPU_WHEELS, GPU_CARRY, GPU_BENCH_SECONDS,
 # GPU_TEST_SECONDS, GPU_BENCH_ARGS.
 set -uo pipefail
