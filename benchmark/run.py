@@ -25,8 +25,12 @@ Robustness:
 
 - appends hold an exclusive ``fcntl`` lock on ``<csv>.lock`` and rewrite the CSV through a temporary
   file and ``os.replace``: two runners at once lose nothing and a crash never leaves a partial row;
-- checkpoints live in ``<work_dir>/<run_id>/checkpoints``; rerunning the same command after a crash
-  resumes from ``last.ckpt``;
+- checkpoints live in ``<work_dir>/<run_id>/checkpoints``: ``best.ckpt`` (the selection metric's
+  best epoch, which the test reads) and ``last.ckpt`` (rewritten after every validated epoch, with
+  the early-stopping, timer and epoch-log states); both are written to a temporary file and renamed
+  into place, so a kill never leaves a torn checkpoint. Rerunning the same command after a crash
+  resumes from ``last.ckpt``, i.e. from the last finished epoch; a ``last.ckpt`` that does not load
+  is an error naming it (``--force`` starts over);
 - a run whose key is already in the results CSV is skipped unless ``force`` (which replaces the row).
 
 Model configs: ``<name>.yaml`` serves the smoke and quick profiles, ``<name>_paper.yaml`` the paper
@@ -42,6 +46,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import re
 import resource
@@ -60,6 +65,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from benchmark.loggers import LoggerSpec
 from benchmark.registry import (
@@ -248,11 +254,19 @@ def append_row(path: Path, row: dict[str, object], replace: bool = False) -> lis
 
 # ---------------------------------------------------------------------- one run
 class _EpochLog(Callback):
-    """Remembers the validation metric per epoch and the wall time of training."""
+    """Remembers the validation metric per epoch and the wall time of training; its state travels in
+    checkpoints, so a resumed fit reports its whole history (best epoch, seconds per epoch)."""
 
     def __init__(self) -> None:
         self.val_history: list[tuple[int, float]] = []
         self.epoch_seconds: list[float] = []
+
+    def state_dict(self) -> dict[str, object]:
+        return {"val_history": list(self.val_history), "epoch_seconds": list(self.epoch_seconds)}
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        self.val_history = [(int(epoch), float(value)) for epoch, value in state_dict["val_history"]]  # type: ignore[union-attr]
+        self.epoch_seconds = [float(seconds) for seconds in state_dict["epoch_seconds"]]  # type: ignore[union-attr]
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         # on_validation_end runs after the module logged its epoch metrics (epoch-end hooks do not).
@@ -264,6 +278,31 @@ class _EpochLog(Callback):
         seconds = trainer.callback_metrics.get("train/epoch_seconds")
         if seconds is not None:
             self.epoch_seconds.append(float(seconds))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to ``<name>.partial`` and renames it into place: a fit killed while
+    saving keeps its previous ``last.ckpt``, which the rerun resumes from."""
+
+    def save_checkpoint(self, checkpoint: dict[str, object], path: str | Path, storage_options: object = None) -> None:
+        target = Path(path)
+        partial = target.with_name(target.name + ".partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, target)
+
+
+def resume_checkpoint(path: Path) -> Path:
+    """``path`` if it loads (a fit resumes from it), else an error that names it and the way out."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:  # torn, truncated, foreign
+        raise RuntimeError(
+            f"{path}: cannot resume from this checkpoint ({type(error).__name__}: {error}); delete it, or rerun "
+            "with --force to start the fit over"
+        ) from error
+    if not isinstance(state, dict) or "epoch" not in state or "state_dict" not in state:
+        raise RuntimeError(f"{path}: not a Lightning fit checkpoint (no epoch or state_dict); delete it or rerun with --force")
+    return path
 
 
 def config_name(name_or_path: str) -> str:
@@ -397,9 +436,10 @@ def run_one(
     model: SeqRecModel = instantiate_model(spec.model_config, data.num_items, data.max_len)
     run_id = spec.run_id
     run_dir = work_dir / run_id
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max", filename="best", save_last=True
-    )
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max", filename="best")
+    # Not ``save_last=True``: Lightning (2.6) then rewrites last.ckpt only in epochs that improved the
+    # monitored metric, and a resume would replay every epoch since the best one.
+    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
     max_epochs = profile.max_epochs
     if model.max_useful_epochs is not None:
         max_epochs = min(max_epochs, model.max_useful_epochs)
@@ -415,7 +455,8 @@ def run_one(
         "max_epochs": max_epochs,
         "max_steps": profile.max_steps if profile.max_steps is not None else -1,
         "precision": profile.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
-        "callbacks": [checkpoint, early_stopping, epoch_log, timer],
+        "callbacks": [checkpoint, latest, early_stopping, epoch_log, timer],
+        "plugins": [AtomicCheckpointIO()],
         # CSV unless the overrides name another logger (`recbench bench --trainer.logger ...`).
         "logger": LoggerSpec.csv(work_dir),
         "check_val_every_n_epoch": profile.check_val_every_n_epoch,
@@ -437,7 +478,7 @@ def run_one(
     started = time.perf_counter()
     # Lightning unwraps a compiled module and compiles it again after moving it to the device.
     fitted = torch.compile(model, dynamic=True) if profile.compile else model
-    trainer.fit(fitted, datamodule=data, ckpt_path=str(last) if resumed else None)  # type: ignore[arg-type]
+    trainer.fit(fitted, datamodule=data, ckpt_path=str(resume_checkpoint(last)) if resumed else None)  # type: ignore[arg-type]
     fit_wall_seconds = time.perf_counter() - started
     train_seconds = timer.time_elapsed("train")
     stopped_by = stop_reason(timer, early_stopping, trainer, model, max_epochs, profile.max_steps)
@@ -455,7 +496,7 @@ def run_one(
         "model": {"class_path": f"{type(model).__module__}.{type(model).__qualname__}", "init_args": dict(model.hparams)},
         "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", **data.describe()},
         "profile": asdict(profile),
-        "trainer": {k: v for k, v in options.items() if k not in ("callbacks", "logger")},
+        "trainer": {k: v for k, v in options.items() if k not in ("callbacks", "logger", "plugins")},
         "seed": spec.seed,
     }
     excluded_short_rate = float(test_metrics["test/excluded_short_rate"])

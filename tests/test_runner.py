@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from benchmark.leaderboard import holm_adjusted, paired_test, seed_test
@@ -107,6 +108,34 @@ def test_kill_9_mid_run_leaves_no_row_and_the_rerun_resumes(tmp_path: Path) -> N
     assert len(rows) == 1 and rows[0]["epochs"] == "6"
     assert json.loads(rows[0]["notes"])["resumed"] is True
     assert len({tuple(r[k] for k in KEY_COLUMNS) for r in rows}) == 1
+
+
+def test_last_checkpoint_follows_every_epoch_and_a_resume_keeps_the_history(tmp_path: Path) -> None:
+    # lr 0: validation is the same after every epoch, so no epoch after the first improves it -- the
+    # case in which Lightning's save_last left last.ckpt at the first epoch.
+    model = tmp_path / "sasrec_frozen.yaml"
+    model.write_text("class_path: baselines.sasrec.SASRec\ninit_args:\n  lr: 0.0\n")
+    profile = tmp_path / "flat.yaml"
+    profile.write_text("name: flat\nmax_epochs: 4\npatience: 10\nlimit_train_batches: 2\nval_subset: 50\n")
+    first = _bench(tmp_path, "--profile", str(profile), "--models", str(model), "--trainer.max_epochs", "2")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    (last,) = (tmp_path / "runs" / "bench").glob("synthetic_tiny-sasrec_frozen-flat-seed1-*/checkpoints/last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1
+    assert not list(last.parent.glob("*.partial"))
+    csv_path = tmp_path / "results" / "synthetic-x0.02.csv"
+    csv_path.unlink()  # drop the 2-epoch row: the same command now resumes the run at epoch 2
+    second = _bench(tmp_path, "--profile", str(profile), "--models", str(model))
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    (row,) = read_rows(csv_path)
+    assert json.loads(row["notes"])["resumed"] is True and row["epochs"] == "4"
+    assert row["best_epoch"] == "0"  # the epoch-log state came back with the checkpoint (epochs 0-3 tie)
+
+    last.write_bytes(b"torn")
+    csv_path.unlink()
+    third = _bench(tmp_path, "--profile", str(profile), "--models", str(model))
+    assert third.returncode != 0
+    said = third.stdout + third.stderr
+    assert f"{last.relative_to(tmp_path)}: cannot resume from this checkpoint (UnpicklingError" in said
 
 
 def test_paired_test_against_hand_computation() -> None:
