@@ -260,6 +260,7 @@ class _EpochLog(Callback):
     def __init__(self) -> None:
         self.val_history: list[tuple[int, float]] = []
         self.epoch_seconds: list[float] = []
+        self._epoch_started = 0.0
 
     def state_dict(self) -> dict[str, object]:
         return {"val_history": list(self.val_history), "epoch_seconds": list(self.epoch_seconds)}
@@ -274,10 +275,13 @@ class _EpochLog(Callback):
             return
         self.val_history.append((trainer.current_epoch, float(trainer.callback_metrics[SELECTION_METRIC])))
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        seconds = trainer.callback_metrics.get("train/epoch_seconds")
-        if seconds is not None:
-            self.epoch_seconds.append(float(seconds))
+        # Timed here, as the module times ``train/epoch_seconds`` (training + validation): callbacks'
+        # epoch-end hooks run before the module's, so its value of this epoch is not logged yet.
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_started)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -438,8 +442,11 @@ def run_one(
     run_dir = work_dir / run_id
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max", filename="best")
     # Not ``save_last=True``: Lightning (2.6) then rewrites last.ckpt only in epochs that improved the
-    # monitored metric, and a resume would replay every epoch since the best one.
-    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
+    # monitored metric, and a resume would replay every epoch since the best one. Saved at the end of
+    # the training epoch (after validation), once the epoch log holds the epoch's seconds too.
+    latest = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False, save_on_train_epoch_end=True
+    )
     max_epochs = profile.max_epochs
     if model.max_useful_epochs is not None:
         max_epochs = min(max_epochs, model.max_useful_epochs)

@@ -120,7 +120,9 @@ def test_last_checkpoint_follows_every_epoch_and_a_resume_keeps_the_history(tmp_
     first = _bench(tmp_path, "--profile", str(profile), "--models", str(model), "--trainer.max_epochs", "2")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     (last,) = (tmp_path / "runs" / "bench").glob("synthetic_tiny-sasrec_frozen-flat-seed1-*/checkpoints/last.ckpt")
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1
+    assert [len(state["callbacks"]["_EpochLog"][key]) for key in ("val_history", "epoch_seconds")] == [2, 2]
     assert not list(last.parent.glob("*.partial"))
     csv_path = tmp_path / "results" / "synthetic-x0.02.csv"
     csv_path.unlink()  # drop the 2-epoch row: the same command now resumes the run at epoch 2
