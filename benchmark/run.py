@@ -26,8 +26,8 @@ Robustness:
 - appends hold an exclusive ``fcntl`` lock on ``<csv>.lock`` and rewrite the CSV through a temporary
   file and ``os.replace``: two runners at once lose nothing and a crash never leaves a partial row;
 - checkpoints live in ``<work_dir>/<run_id>/checkpoints``: ``best.ckpt`` (the selection metric's
-  best epoch, which the test reads) and ``last.ckpt`` (rewritten after every validated epoch, with
-  the early-stopping, timer and epoch-log states); both are written to a temporary file and renamed
+  best epoch, which the test reads) and ``last.ckpt`` (rewritten at the end of every training
+  epoch, after its validation, with the early-stopping, timer and epoch-log states); both are written to a temporary file and renamed
   into place, so a kill never leaves a torn checkpoint. Rerunning the same command after a crash
   resumes from ``last.ckpt``, i.e. from the last finished epoch; a ``last.ckpt`` that does not load
   is an error naming it (``--force`` starts over);
