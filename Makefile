@@ -35,13 +35,13 @@ install:
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 test-data:
 	$(PY) -m pytest -q -m data
 
 test-full:
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not gpu"
 
 bench:
 	RECBENCH_RESULTS_DIR=$(RESULTS_DIR) $(VENV)/bin/recbench bench --work_dir $(WORK_DIR) --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS),)

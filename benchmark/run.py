@@ -595,14 +595,20 @@ def stop_reason(
     max_epochs: int,
     max_steps: int | None,
 ) -> str:
-    """Why a fit ended: one of :data:`STOP_REASONS`."""
+    """Why a fit ended: one of :data:`STOP_REASONS`.
+
+    A model that trained every batch of every epoch it can use is complete even when the clock ran
+    out in its last batch (a popularity count on a loaded machine can outlast a tiny limit); a clock
+    that stopped it mid-epoch left it incomplete, which is a time limit."""
+    if model.max_useful_epochs is not None and trainer.current_epoch >= model.max_useful_epochs:
+        batches_in_last_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if batches_in_last_epoch >= trainer.num_training_batches:
+            return "complete"
     remaining = timer.time_remaining()
     if remaining is not None and remaining <= 0:
         return "time limit"
     if early_stopping.stopped_epoch > 0 or (trainer.should_stop and early_stopping.wait_count >= early_stopping.patience):
         return "early stopping"
-    if model.max_useful_epochs is not None and trainer.current_epoch >= model.max_useful_epochs:
-        return "complete"
     if max_steps is not None and trainer.global_step >= max_steps:
         return "step cap"
     return "epoch cap"

@@ -26,6 +26,7 @@ from benchmark.run import (
     EarlyStoppingAfter,
     append_row,
     read_rows,
+    stop_reason,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,38 @@ def test_time_limit_is_a_safety_net_its_rows_are_unconverged_and_never_averaged(
     assert summary["config"].to_list() == ["popularity"]  # the time-limited row is not averaged
     markdown = render_markdown(load_results(tmp_path / "results"), references=[])
     assert "Not in the means" in markdown and "| sasrec | 1 | time limit |" in markdown
+
+
+def test_a_model_that_trained_every_useful_batch_is_complete_even_when_the_clock_ran_out(tiny_data) -> None:
+    # Popularity's one useful epoch: stopped by the clock after its first batch it is incomplete (a
+    # time limit); run to the end, an expired clock does not make it unconverged.
+    from datetime import timedelta
+
+    from conftest import quiet_trainer
+    from lightning.pytorch.callbacks import Timer
+
+    from baselines.popularity import Popularity
+
+    class ExpiredClock:
+        def time_remaining(self) -> float:
+            return 0.0
+
+    def fit(timer: Timer):
+        model = Popularity(tiny_data.num_items)
+        stopper = EarlyStoppingAfter(0, "val/ndcg@10", mode="max", patience=5)
+        trainer = quiet_trainer(1, callbacks=[timer, stopper])
+        trainer.fit(model, datamodule=tiny_data)
+        assert trainer.num_training_batches > 1
+        return trainer, stopper, model
+
+    clock = Timer(timedelta(microseconds=1))  # not spent at the fit's start, spent after one batch
+    trainer, stopper, model = fit(clock)
+    assert trainer.fit_loop.epoch_loop.batch_progress.current.completed == 1
+    assert stop_reason(clock, stopper, trainer, model, 1, None) == "time limit"
+    clock = Timer(timedelta(hours=1))
+    trainer, stopper, model = fit(clock)
+    assert stop_reason(clock, stopper, trainer, model, 1, None) == "complete"
+    assert stop_reason(ExpiredClock(), stopper, trainer, model, 1, None) == "complete"
 
 
 def test_quick_semantics_end_by_patience_or_the_epoch_cap(tmp_path: Path) -> None:
