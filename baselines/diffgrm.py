@@ -51,7 +51,7 @@ from recbench.diffusion import (
 from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock
-from recbench.schedules import WarmupSchedule, scheduler_config, sized_schedule
+from recbench.schedules import WarmupSchedule, fit_steps, scheduler_config, sized_schedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import ParallelPQConfig, SemanticIDs, ranked_codes_to_items
 from recbench.text import DEFAULT_ENCODER
@@ -140,6 +140,8 @@ class DiffGRM(SemanticIDModel):
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up length in optimiser steps.
         decay_steps: step at which the cosine reaches 0 (default: the trainer's total steps).
+        decay_epochs: or the cosine reaches 0 after this many epochs' steps (dataset-independent;
+            :func:`recbench.schedules.fit_steps`); at most one of the two.
         gradient_clip_val: gradient-norm clip (0 disables); a Trainer setting overrides it.
         ks: see :class:`~recbench.model.SeqRecModel`.
     """
@@ -184,6 +186,7 @@ class DiffGRM(SemanticIDModel):
         weight_decay: float = 0.0,
         warmup_steps: int = 10_000,
         decay_steps: int | None = None,
+        decay_epochs: int | None = None,
         gradient_clip_val: float = 1.0,
         ks: Sequence[int] = DEFAULT_KS,
     ) -> None:
@@ -203,6 +206,8 @@ class DiffGRM(SemanticIDModel):
             raise ValueError(f"val_beam and test_beam must be >= the largest K {max(self.ks)}, got {val_beam}, {test_beam}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+        if decay_epochs is not None and (decay_epochs < 1 or decay_steps is not None):
+            raise ValueError(f"decay_epochs (got {decay_epochs}) must be >= 1 and excludes decay_steps (got {decay_steps})")
         if masking not in ("guided", "sequential", "random"):
             raise ValueError(f"masking must be guided, sequential or random, got {masking!r}")
         if decode_order == "fixed" and fixed_digit_order is not None and sorted(fixed_digit_order) != list(range(n_digits)):
@@ -220,7 +225,7 @@ class DiffGRM(SemanticIDModel):
         self.decode_order, self.fixed_digit_order = decode_order, fixed_digit_order
         self.merge_duplicate_beams = merge_duplicate_beams
         self.beam_chunk_rows = beam_chunk_rows
-        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
+        self.warmup_steps, self.decay_steps, self.decay_epochs = warmup_steps, decay_steps, decay_epochs
         self.gradient_clip_val = gradient_clip_val
 
         # Network.
@@ -390,7 +395,7 @@ class DiffGRM(SemanticIDModel):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.adamw()
-        allowed = float(self.decay_steps) if self.decay_steps is not None else float(self.trainer.estimated_stepping_batches)
+        allowed = float(self.decay_steps) if self.decay_steps is not None else fit_steps(self.trainer, self.decay_epochs)
         self._schedule = sized_schedule("cosine", self.warmup_steps, allowed)  # recorded in run_notes
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, self._schedule)}
 
@@ -478,5 +483,6 @@ class DiffGRM(SemanticIDModel):
             "cross_attention_padding_mask": True,
             "warmup_steps": self._schedule.warmup_steps if self._schedule else self.warmup_steps,
             "decay_steps": self._schedule.total_steps if self._schedule else self.decay_steps,
+            "decay_epochs": self.decay_epochs,
             "gradient_clip_val": self.gradient_clip_val,
         }

@@ -60,14 +60,33 @@ def test_fit_steps_is_the_cap_or_the_first_decay_epochs() -> None:
         fit_steps(trainer, decay_epochs=0)  # type: ignore[arg-type]
 
 
-def test_tiger_decays_over_its_decay_epochs(tiny_data) -> None:
-    import lightning.pytorch as pl
-
+def _tiger_decaying_over_two_epochs(num_items: int):  # type: ignore[no-untyped-def]
     from baselines.tiger import TIGER
-    from tests.conftest import quiet_trainer
 
     with pytest.raises(ValueError, match="decay_epochs"):
         TIGER(num_items=5, decay_epochs=10)  # a constant schedule has nothing to decay
+    return TIGER(num_items=num_items, architecture="causal", encoder_input="item", history_items=50,
+                 hidden_size=16, num_heads=2, ffn_size=32, encoder_layers=1, decoder_layers=1, codebook_size=16,
+                 embedding_source="collaborative", lr=1e-2, lr_schedule="cosine", warmup_steps=1, decay_epochs=2)
+
+
+def _diffgrm_decaying_over_two_epochs(num_items: int):  # type: ignore[no-untyped-def]
+    from baselines.diffgrm import DiffGRM
+
+    with pytest.raises(ValueError, match="decay_epochs"):
+        DiffGRM(num_items=5, decay_epochs=10, decay_steps=100)  # two caps for one cosine
+    with pytest.raises(ValueError, match="decay_epochs"):
+        DiffGRM(num_items=5, decay_epochs=0)
+    return DiffGRM(num_items=num_items, max_len=50, n_digits=2, codebook_size=4, hidden_size=16, encoder_layers=1,
+                   decoder_layers=1, num_heads=2, inner_size=32, embedding_source="collaborative", collaborative_dim=8,
+                   pca_dim=8, val_beam=20, test_beam=20, lr=1e-2, warmup_steps=1, decay_epochs=2)
+
+
+@pytest.mark.parametrize("build", [_tiger_decaying_over_two_epochs, _diffgrm_decaying_over_two_epochs], ids=["tiger", "diffgrm"])
+def test_a_cosine_decays_over_its_decay_epochs(tiny_data, build) -> None:  # type: ignore[no-untyped-def]
+    import lightning.pytorch as pl
+
+    from tests.conftest import quiet_trainer
 
     class Rates(pl.Callback):
         def __init__(self) -> None:
@@ -76,9 +95,7 @@ def test_tiger_decays_over_its_decay_epochs(tiny_data) -> None:
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
             self.rates.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
 
-    model = TIGER(num_items=tiny_data.num_items, architecture="causal", encoder_input="item", history_items=50,
-                  hidden_size=16, num_heads=2, ffn_size=32, encoder_layers=1, decoder_layers=1, codebook_size=16,
-                  embedding_source="collaborative", lr=1e-2, lr_schedule="cosine", warmup_steps=1, decay_epochs=2)
+    model = build(tiny_data.num_items)
     rates = Rates()
     quiet_trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=0, callbacks=[rates]).fit(model, datamodule=tiny_data)
     by_epoch = {epoch: [rate for e, rate in rates.rates if e == epoch] for epoch in range(3)}
