@@ -344,16 +344,26 @@ class DiffGRM(SemanticIDModel):
             kv = tuple(c.memory_key_values(h) for c in crosses)  # type: ignore[union-attr]
         return _Memory(kv, mask)
 
-    def decoder_logits(self, memory: _Memory, codes: Tensor) -> Tensor:
+    def decoder_logits(self, memory: _Memory, codes: Tensor, scored: Tensor | None = None) -> Tensor:
         """Decoder over R rows per user: memory of B users, codes (B, R, n) with ``MASKED`` where
-        masked -> logits (B, R, n, K') over each digit's active codes."""
+        masked -> logits (B, R, n, K') over each digit's active codes.
+
+        ``scored`` (B, Q): the flat positions (of each user's R n) whose logits the caller reads; the
+        last block then runs its cross-attention and FFN on those alone, and every other position's
+        logits are 0 (meaningless, for the caller to ignore)."""
         masked = (codes == MASKED).unsqueeze(-1)  # (B, R, n, 1)
         x = self.token_embedding(self._tokens(codes))  # (B, R, n, d)
         x = torch.where(masked, self.decoder.mask_embedding.to(x.dtype), x)
         x = self.decoder.input_dropout(x)
-        for block, kv in zip(self.decoder.blocks, memory.kv, strict=True):
-            x = block.forward_with_memory(x, kv, memory.mask)  # (B, R, n, d)
+        last = len(self.decoder.blocks) - 1
+        for layer, (block, kv) in enumerate(zip(self.decoder.blocks, memory.kv, strict=True)):
+            keep = scored if layer == last else None
+            x = block.forward_with_memory(x, kv, memory.mask, keep=keep)  # (B, R, n, d), or (B, Q, d)
         h = self.final_norm(x)
+        if scored is not None:  # back to the grid, zero at the unread positions
+            batch, rows, n = codes.shape
+            grid = h.new_zeros(batch, rows * n, h.shape[-1])
+            h = grid.scatter(1, scored.unsqueeze(-1).expand_as(h), h).view(batch, rows, n, -1)  # (B, R, n, d)
         k_active = self.active_codebook_size
         table = self.token_embedding.weight[1:].view(self.n_digits, self.codebook_size, -1)[:, :k_active]
         return torch.einsum("brnd,nkd->brnk", h, table.to(h.dtype))  # tied digit slices
@@ -378,13 +388,23 @@ class DiffGRM(SemanticIDModel):
         confidence = position_confidence(logits, self.confidence_metric)  # (B, n)
         return nested_mask_views(confidence_order(confidence, self.guided_select))
 
+    def _scored_positions(self, mask: Tensor) -> Tensor | None:
+        """Flat indices (B, Q) of the masked positions of views (B, V, n), or None. Nested views
+        (guided, sequential) mask 1 + 2 + ... + V positions in every row, a count known on the host;
+        random views mask a count that varies by row (selecting it would read it back: a GPU sync)."""
+        if self.masking == "random":
+            return None
+        views = mask.shape[1]
+        unmasked_last = (~mask.flatten(1)).to(torch.uint8)  # (B, V n): 0 = masked
+        return torch.argsort(unmasked_last, dim=1, stable=True)[:, : views * (views + 1) // 2]
+
     def loss(self, batch: Batch) -> Tensor:
         if not self.has_semantic_ids:
             raise RuntimeError("DiffGRM has no semantic IDs: fit it with a datamodule or call set_semantic_ids")
         memory = self.encode(batch[HISTORY])
         target = self.sid_codes[batch[TARGET]]  # (B, n)
         mask = self.training_masks(memory, target.shape[0])  # (B, V, n)
-        logits = self.decoder_logits(memory, apply_mask(target, mask))  # (B, V, n, K'), one encoder pass
+        logits = self.decoder_logits(memory, apply_mask(target, mask), self._scored_positions(mask))  # (B, V, n, K')
         targets = target.unsqueeze(1).expand_as(mask)  # (B, V, n)
         # The einsum's logits are a view of digit-major storage (n, B, V, K'), and the mean over the
         # masked positions does not depend on their order: taken in that order, flattening copies

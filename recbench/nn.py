@@ -284,6 +284,7 @@ class TransformerBlock(nn.Module):
         self_mask: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
         grid: tuple[int, int] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder block over ``R`` rows per user: ``x`` ``(B, R, T, d)``, cross-attention keys/values
         ``(B, H, S, Dh)`` projected once per user, ``memory_mask`` broadcastable to ``(B, 1, R T, S)``
@@ -293,14 +294,26 @@ class TransformerBlock(nn.Module):
         runs per user with the ``R T`` queries of its rows (queries do not interact, so this equals
         attending row by row, without copying keys/values per row). With ``index``, ``x`` is
         ``(M, T, d)``: only the real rows at flat ``index`` of the ``(B, R)`` ``grid``, and everything
-        but the cross-attention product runs on them alone (:meth:`MultiHeadAttention.attend`)."""
+        but the cross-attention product runs on them alone (:meth:`MultiHeadAttention.attend`).
+
+        ``keep`` ``(B, Q)`` (unpacked rows and a key ``memory_mask`` ``(B, 1, 1, S)`` only): the
+        positions, of each user's ``R T``, whose outputs the caller reads (e.g. the scored positions in
+        a last layer). Self-attention runs on every position (all are keys and values); the
+        cross-attention and the FFN, the larger part of the block, run on the kept positions only.
+        Returns ``(B, Q, d)``, equal to those positions of the full output."""
         cross, cross_norm = self._cross()
         shape = x.shape
+        if keep is not None and index is not None:
+            raise ValueError("keep selects positions of the full grid; it does not combine with packed rows")
         if index is None:
             batch, rows, length, width = shape
             x = x.reshape(batch * rows, length, width)  # rows are independent in self-attention
         h = self.self_norm(x)
         x = x + self.dropout(self.self_attention(h, h, self_mask))  # (B R or M, T, d)
+        if keep is not None:
+            x = x.view(batch, rows * length, width).gather(1, keep.unsqueeze(-1).expand(-1, -1, width))  # (B, Q, d)
+            x = x + self.dropout(cross.attend(cross_norm(x), *memory_kv, memory_mask))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
         h = cross_norm(x)
         if index is None:
             y = cross.attend(h.view(batch, rows * length, width), *memory_kv, memory_mask).view_as(x)

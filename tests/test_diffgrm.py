@@ -480,3 +480,30 @@ def test_loss_in_digit_major_order_equals_the_position_order_loss() -> None:
     logits = model.decoder_logits(memory, apply_mask(target, mask)).contiguous()
     expected = masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, 0.1)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("masking", ["guided", "sequential"])
+def test_loss_on_the_scored_positions_equals_the_full_decoder_loss(masking: str) -> None:
+    # The last decoder block runs its cross-attention and FFN on the masked positions only: the same
+    # loss and the same gradients as the full decoder (the unmasked positions weigh 0 in the loss).
+    model = _tiny_model(30, n_digits=4, codebook_size=4, decoder_layers=2, masking=masking, label_smoothing=0.1)
+    model.set_semantic_ids(_hand_made_sids(4, 4))
+    batch = {HISTORY: torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 7]]), TARGET: torch.tensor([8, 9, 10])}
+    parameters = list(model.parameters())
+    torch.manual_seed(5)
+    loss = model.loss(batch)
+    trimmed = torch.autograd.grad(loss, parameters, allow_unused=True)
+    torch.manual_seed(5)
+    memory = model.encode(batch[HISTORY])
+    target = model.sid_codes[batch[TARGET]]
+    mask = model.training_masks(memory, 3)
+    logits = model.decoder_logits(memory, apply_mask(target, mask))  # every position, every block
+    expected = masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, 0.1)
+    full = torch.autograd.grad(expected, parameters, allow_unused=True)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), trimmed, full, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    scored = model._scored_positions(mask)
+    assert scored is not None and scored.shape == (3, 10) and bool(mask.flatten(1).gather(1, scored).all())

@@ -92,6 +92,22 @@ def test_packed_rows_with_a_prefix_mask_equal_the_row_by_row_decoder() -> None:
     torch.testing.assert_close(packed, expected.flatten(0, 1)[index], atol=1e-5, rtol=1e-5)
 
 
+def test_kept_positions_equal_the_full_decoder_output_there() -> None:
+    generator = torch.Generator().manual_seed(4)
+    block = TransformerBlock(16, 2, 32, dropout=0.0, cross_attention=True).eval()
+    memory, valid = _left_padded(3, 5, 16, generator)
+    mask = valid[:, None, None, :]
+    x = torch.randn(3, 4, 4, 16, generator=generator)  # (B, R, T, d)
+    assert block.cross_attention is not None
+    kv = block.cross_attention.memory_key_values(memory)
+    full = block.forward_with_memory(x, kv, mask).flatten(1, 2)  # (B, R T, d)
+    keep = torch.stack([torch.randperm(16, generator=generator)[:7] for _ in range(3)])  # (B, Q)
+    kept = block.forward_with_memory(x, kv, mask, keep=keep)
+    torch.testing.assert_close(kept, full.gather(1, keep.unsqueeze(-1).expand(-1, -1, 16)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="packed rows"):
+        block.forward_with_memory(x.flatten(0, 1), kv, mask, index=torch.arange(12), grid=(3, 4), keep=keep)
+
+
 def test_cpu_dropout_keeps_the_expectation_and_the_rate() -> None:
     torch.manual_seed(0)
     x = torch.ones(400_000)
