@@ -16,6 +16,7 @@ import torch
 from conftest import fit_and_test, quiet_trainer
 
 from baselines.diffgrm import DiffGRM
+from benchmark.perf.diffgrm_step_ab import full_decoder_loss
 from benchmark.registry import instantiate_model
 from datamodules.synthetic import SyntheticDataModule
 from recbench.batch import HISTORY, TARGET
@@ -494,16 +495,14 @@ def test_loss_on_the_scored_positions_equals_the_full_decoder_loss(masking: str)
     loss = model.loss(batch)
     trimmed = torch.autograd.grad(loss, parameters, allow_unused=True)
     torch.manual_seed(5)
-    memory = model.encode(batch[HISTORY])
-    target = model.sid_codes[batch[TARGET]]
-    mask = model.training_masks(memory, 3)
-    logits = model.decoder_logits(memory, apply_mask(target, mask))  # every position, every block
-    expected = masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, 0.1)
+    expected = full_decoder_loss(model, batch)  # every position of every block (the perf A/B's reference)
     full = torch.autograd.grad(expected, parameters, allow_unused=True)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     for (name, _), a, b in zip(model.named_parameters(), trimmed, full, strict=True):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(5)
+    mask = model.training_masks(model.encode(batch[HISTORY]), 3)
     scored = model._scored_positions(mask)
     assert scored is not None and scored.shape == (3, 10) and bool(mask.flatten(1).gather(1, scored).all())
