@@ -43,6 +43,7 @@ from recbench.diffusion import (
     confidence_order,
     cpd_beam_search,
     masked_cross_entropy,
+    masked_first,
     nested_mask_views,
     position_confidence,
     random_mask_views,
@@ -106,7 +107,7 @@ class DiffGRM(SemanticIDModel):
 
     Args:
         num_items, max_len: linked from the data.
-        n_digits: SID digits n (PQ sub-spaces).
+        n_digits: SID digits n: PQ sub-spaces, plus the collision digit when ``collision_digit``.
         codebook_size: codes per digit K (a power of two). When the training split has fewer
             items than K, ``setup`` falls back to the largest power of two <= the number of
             training items, with a warning recorded in ``run_notes`` (the token table keeps K rows
@@ -117,7 +118,11 @@ class DiffGRM(SemanticIDModel):
         collaborative_dim: width of collaborative embeddings.
         pca_dim, whiten, use_opq, sid_seed: PSE settings (:class:`ParallelPQConfig`); ``pca_dim``
             is clamped to the embedding width and to (training items - 1), rounded down to a
-            multiple of ``n_digits``.
+            multiple of the PQ sub-spaces.
+        collision_digit: append TIGER's collision digit to the PQ codes (an option of the spec,
+            not the paper: there an ID may stand for several items), so every item has its own ID.
+            The digit is masked in every training view and decoded last, by a beam step
+            (:func:`~recbench.diffusion.masked_first`, ``cpd_beam_search(last_digit=...)``); nested masking only.
         item_order: order in which a decoded ID expands to its items: ``popularity`` (training
             occurrences, most frequent first) or ``item_id``.
         hidden_size: d.
@@ -161,6 +166,7 @@ class DiffGRM(SemanticIDModel):
         whiten: bool = True,
         use_opq: bool = True,
         sid_seed: int = 0,
+        collision_digit: bool = False,
         item_order: ItemOrder = "popularity",
         hidden_size: int = 256,
         encoder_layers: int = 1,
@@ -191,7 +197,7 @@ class DiffGRM(SemanticIDModel):
         ks: Sequence[int] = DEFAULT_KS,
     ) -> None:
         super().__init__(
-            num_items, max_len, lr, weight_decay, ks, n_digits=n_digits, codebook_size=codebook_size, collision_digit=False,
+            num_items, max_len, lr, weight_decay, ks, n_digits=n_digits, codebook_size=codebook_size, collision_digit=collision_digit,
             item_order=item_order,
         )
         self.save_hyperparameters()
@@ -214,6 +220,8 @@ class DiffGRM(SemanticIDModel):
             raise ValueError(f"fixed_digit_order must be a permutation of 0..{n_digits - 1}")
         if merge_duplicate_beams and (codebook_size + 1) ** n_digits >= 2**62:
             raise ValueError("merge_duplicate_beams needs (codebook_size + 1) ** n_digits < 2**62")
+        if collision_digit and (masking == "random" or decode_order != "confidence"):
+            raise ValueError("collision_digit needs nested views (guided or sequential masking) and decode_order='confidence'")
         if position_anchor not in ("oldest", "newest"):
             raise ValueError(f"position_anchor must be 'oldest' or 'newest', got {position_anchor!r}")
         self.position_anchor = position_anchor
@@ -261,10 +269,10 @@ class DiffGRM(SemanticIDModel):
         return self.active_codebook_sizes[0]
 
     def check_semantic_ids(self, sids: SemanticIDs) -> None:
-        if len(set(sids.codebook_sizes)) != 1 or sids.collision_digit:
+        if len(set(sids.codebook_sizes)) != 1 or sids.collision_digit != self.collision_digit:
             raise ValueError(
-                f"DiffGRM needs one codebook size for every digit and no collision digit, got "
-                f"{sids.codebook_sizes} (collision_digit={sids.collision_digit})"
+                f"DiffGRM needs one codebook size for every digit and collision_digit={self.collision_digit}, "
+                f"got {sids.codebook_sizes} (collision_digit={sids.collision_digit})"
             )
 
     def build_semantic_ids(self, data: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, Any]]:
@@ -275,18 +283,19 @@ class DiffGRM(SemanticIDModel):
         embeddings, n_train, k, notes = self.item_side_inputs(
             data, hp.embedding_source, hp.text_encoder, hp.collaborative_dim
         )
+        sub_spaces = self.n_digits - int(self.collision_digit)
         pca = min(self.hparams.pca_dim, embeddings.dim, n_train - 1)
-        pca -= pca % self.n_digits  # PQ splits the PCA output into n equal sub-spaces
+        pca -= pca % sub_spaces  # PQ splits the PCA output into equal sub-spaces
         if pca != self.hparams.pca_dim:
             log.warning("DiffGRM: PCA dimension %d clamped to %d", self.hparams.pca_dim, pca)
         notes["pca_dim"] = pca
         config = ParallelPQConfig(
-            n_digits=self.n_digits,
+            n_digits=sub_spaces,
             codebook_size=k,
             pca_dim=pca,
             whiten=hp.whiten,
             use_opq=hp.use_opq,
-            collision_digit=False,
+            collision_digit=self.collision_digit,
             seed=hp.sid_seed,
         )
         return semantic_ids_for(data, config, embeddings, item_order=self.item_order), notes
@@ -375,7 +384,7 @@ class DiffGRM(SemanticIDModel):
         if self.masking == "random":
             return random_mask_views(batch_size, n, self.random_views, self.random_mask_prob, device=device)
         if self.masking == "sequential":
-            return nested_mask_views(random_order(batch_size, n, device=device))
+            return nested_mask_views(self._collision_digit_first(random_order(batch_size, n, device=device)))
         # guided (OCN): score the fully masked target with the decoder in eval mode, no gradient.
         was_training = self.decoder.training
         self.decoder.train(False)
@@ -386,7 +395,10 @@ class DiffGRM(SemanticIDModel):
         finally:
             self.decoder.train(was_training)
         confidence = position_confidence(logits, self.confidence_metric)  # (B, n)
-        return nested_mask_views(confidence_order(confidence, self.guided_select))
+        return nested_mask_views(self._collision_digit_first(confidence_order(confidence, self.guided_select)))
+
+    def _collision_digit_first(self, order: Tensor) -> Tensor:
+        return masked_first(order, self.n_digits - 1) if self.collision_digit else order
 
     def _scored_positions(self, mask: Tensor) -> Tensor | None:
         """Flat indices (B, Q) of the masked positions of views (B, V, n), or None. Nested views
@@ -448,6 +460,7 @@ class DiffGRM(SemanticIDModel):
         return cpd_beam_search(
             partial(self._log_probs, memory), history.shape[0], self.n_digits, self.active_codebook_size,
             beam, self.decode_order, self.fixed_digit_order, self.merge_duplicate_beams, history.device,
+            last_digit=self.n_digits - 1 if self.collision_digit else None,
         )
 
     @torch.inference_mode()
@@ -498,7 +511,9 @@ class DiffGRM(SemanticIDModel):
             "decode_order": self.decode_order,
             "fixed_digit_order": self.fixed_digit_order if self.decode_order == "fixed" else None,
             "merge_duplicate_beams": self.merge_duplicate_beams,
-            "decoding": "unconstrained CPD beam, illegal IDs dropped, collisions expanded in the IDs' item order",
+            "collision_digit": self.collision_digit,
+            "decoding": "unconstrained CPD beam, illegal IDs dropped, collisions expanded in the IDs' item order"
+            + (" (none: a collision digit, decoded last)" if self.collision_digit else ""),
             "metrics_level": "item",
             "cross_attention_padding_mask": True,
             "warmup_steps": self._schedule.warmup_steps if self._schedule else self.warmup_steps,

@@ -819,6 +819,18 @@ def random_order(batch: int, n: int, generator: torch.Generator | None = None, d
     return noise.argsort(dim=-1).to(device)
 
 
+def masked_first(order: Tensor, digit: int) -> Tensor:
+    """(B, n) masking orders with ``digit`` moved to the front, the others in their order.
+
+    Nested views along the result mask ``digit`` in every view, down to the one that reveals all
+    other digits: the state in which :func:`cpd_beam_search` with ``last_digit`` fills it. For a
+    collision digit, which only tells apart items that share the other digits, so it is decided
+    last (as in TIGER's autoregressive order). A stable sort, not boolean indexing: no host sync.
+    """
+    moved = torch.argsort((order != digit).to(torch.uint8), dim=1, stable=True)  # (B, n)
+    return order.gather(1, moved)
+
+
 def nested_mask_views(order: Tensor, num_views: int | None = None) -> Tensor:
     """Nested masks along an order: view ``t`` (``t = 1 .. V``) masks the first ``t`` positions of
     ``order`` and reveals the rest, so each view masks a superset of the previous one and view
@@ -955,6 +967,7 @@ def cpd_beam_search(
     fixed_order: Sequence[int] | None = None,
     merge_duplicate_beams: bool = False,
     device: torch.device | str = "cpu",
+    last_digit: int | None = None,
 ) -> BeamResult:
     """Confidence-guided parallel denoising (CPD) beam, batched over users x beams: the only Python
     loop is over the ``n - 1`` filling steps; per step the network is called once on every (user,
@@ -970,6 +983,9 @@ def cpd_beam_search(
             orders, keeping the best score (frees slots, so results may change). Exact: at step s a
             state has at most s + 1 parents, so the top ``beam`` distinct states are among the top
             ``beam·(s + 1)`` candidates.
+        last_digit: a digit held back until every other one is filled (``confidence`` order only),
+            e.g. a collision digit; its step is then a beam step over (beams x codes), so several
+            items that share the other digits can all be kept, instead of the argmax.
 
     Returns:
         :class:`BeamResult` with W = min(beam, number of reachable candidates) slots.
@@ -985,6 +1001,8 @@ def cpd_beam_search(
             raise ValueError(f"fixed_order must be a permutation of 0..{n - 1}, got {fixed_order}")
     elif decode_order != "confidence":
         raise ValueError(f"decode_order must be 'confidence' or 'fixed', got {decode_order!r}")
+    if last_digit is not None and (decode_order != "confidence" or not 0 <= last_digit < n):
+        raise ValueError(f"last_digit needs decode_order='confidence' and a digit in 0..{n - 1}, got {last_digit}")
     if merge_duplicate_beams and (k + 1) ** n >= 2**62:
         raise ValueError(f"merge_duplicate_beams: partial states of {n} digits x {k} codes overflow an int64 key")
     neg_inf = float("-inf")
@@ -997,6 +1015,9 @@ def cpd_beam_search(
         if decode_order == "confidence":
             allowed = codes == MASKED  # (B, W, n): unfilled digits
             open_digits = n - step
+            if last_digit is not None:
+                allowed = allowed & (digit_ids != last_digit)
+                open_digits -= 1
         else:
             allowed = (digit_ids == order[step]).expand_as(codes)
             open_digits = 1
@@ -1017,13 +1038,20 @@ def cpd_beam_search(
             top_scores, chosen = top_scores.topk(width, dim=1)
             new_codes = new_codes.gather(1, chosen.unsqueeze(-1).expand(-1, -1, n))
         codes, scores = new_codes, top_scores
-    # Final step: each beam has exactly one unfilled digit; fill it with its argmax code.
     log_p = log_probs_fn(codes).float()  # (B, W, n, K)
-    remaining = codes == MASKED  # (B, W, n), one True per row
-    best, index = log_p.masked_fill(~remaining.unsqueeze(-1), neg_inf).flatten(2).max(dim=-1)  # (B, W)
-    codes = codes.clone()
-    codes.scatter_(2, (index // k).unsqueeze(-1), (index % k).unsqueeze(-1))
-    scores = scores + best
+    if last_digit is not None:
+        # Final step over (beam, code) pairs of the held-back digit: top `beam` of W x K.
+        candidates = (scores.unsqueeze(-1) + log_p[:, :, last_digit]).flatten(1)  # (B, W K)
+        scores, top_index = candidates.topk(min(beam, candidates.shape[1]), dim=1)  # (B, W')
+        codes = codes.gather(1, (top_index // k).unsqueeze(-1).expand(-1, -1, n)).clone()  # (B, W', n)
+        codes[:, :, last_digit] = top_index % k
+    else:
+        # Final step: each beam has exactly one unfilled digit; fill it with its argmax code.
+        remaining = codes == MASKED  # (B, W, n), one True per row
+        best, index = log_p.masked_fill(~remaining.unsqueeze(-1), neg_inf).flatten(2).max(dim=-1)  # (B, W)
+        codes = codes.clone()
+        codes.scatter_(2, (index // k).unsqueeze(-1), (index % k).unsqueeze(-1))
+        scores = scores + best
     scores, rank = torch.sort(scores, dim=1, descending=True, stable=True)
     codes = codes.gather(1, rank.unsqueeze(-1).expand(-1, -1, n))
     # Empty slots (a -inf score: merged duplicates, or a dead parent) may hold partial states: blank them.

@@ -27,6 +27,7 @@ from recbench.diffusion import (
     confidence_order,
     cpd_beam_search,
     masked_cross_entropy,
+    masked_first,
     nested_mask_views,
     position_confidence,
     random_mask_views,
@@ -145,6 +146,15 @@ def test_masked_cross_entropy_counts_masked_positions_only() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_masked_first_moves_one_digit_to_the_front_and_keeps_the_rest_in_order() -> None:
+    order = torch.tensor([[1, 3, 2, 0], [3, 0, 1, 2], [0, 1, 2, 3]])
+    moved = masked_first(order, 3)
+    assert moved.tolist() == [[3, 1, 2, 0], [3, 0, 1, 2], [3, 0, 1, 2]]
+    views = nested_mask_views(moved)
+    assert bool(views[..., 3].all()), "the digit is masked in every view"
+    assert views[:, 0].sum(-1).tolist() == [1, 1, 1], "view 1 reveals every other digit"
+
+
 def _factorised_stub(log_p: torch.Tensor):
     """A decoder whose per-digit log-probs (B, n, K) ignore the revealed digits: then a path score is
     the joint log-probability whatever the fill order, so a full-width beam can be checked by brute
@@ -213,6 +223,29 @@ def test_fixed_order_beam_matches_brute_force() -> None:
     items, _, _ = beams_to_items(sids, beams, k=10)
     expected = _brute_force_items(sids, log_p, lambda row, combo: combo[1] == int(argmax[row, 1]), k=10)
     assert items.tolist() == expected
+
+
+def test_held_back_last_digit_is_filled_by_a_beam_step_and_matches_brute_force() -> None:
+    n, size, users, beam = 3, 4, 5, 12
+    log_p = torch.randn(users, n, size).log_softmax(-1)
+    calls: list[torch.Tensor] = []
+    stub = _factorised_stub(log_p)
+    beams = cpd_beam_search(
+        lambda c: (calls.append(c.clone()), stub(c))[1], users, n, size, beam, merge_duplicate_beams=True, last_digit=2
+    )
+    assert all(bool((c[..., 2] == MASKED).all()) for c in calls), "digit 2 stays masked until the last step"
+    # With merging the 12 best distinct (d0, d1) prefixes survive, and a best full ID never has a
+    # prefix outside them, so the result is the exact top 12 of all 64 IDs, several per prefix (an
+    # argmax last step would keep one code of digit 2 per prefix).
+    combos = torch.tensor(list(itertools.product(range(size), repeat=n)))  # (64, n)
+    joint = log_p[:, torch.arange(n), combos].sum(-1)  # (B, 64)
+    best, index = joint.topk(beam, dim=1)
+    assert beams.codes.tolist() == combos[index].tolist()
+    torch.testing.assert_close(beams.scores, best)
+    prefixes = {tuple(c[:2]) for c in beams.codes[0].tolist()}
+    assert len(prefixes) < beam, "some prefix keeps several codes of the held-back digit"
+    with pytest.raises(ValueError, match="last_digit"):
+        cpd_beam_search(stub, users, n, size, beam, decode_order="fixed", last_digit=2)
 
 
 def test_narrow_beam_finds_the_best_factorised_id() -> None:
@@ -459,6 +492,31 @@ def test_short_fit_on_synthetic_data_beats_popularity() -> None:
     assert str(model.run_notes()["embedding_source"]).startswith("cooccurrence")
     assert diffgrm["test/ndcg@10"] > 1.5 * popularity["test/ndcg@10"], (diffgrm, popularity)
     assert diffgrm["test/recall@10"] > popularity["test/recall@10"]
+
+
+def test_collision_digit_is_masked_in_every_view_and_makes_every_item_its_own_id(small_data) -> None:
+    torch.manual_seed(0)
+    model = _tiny_model(small_data.num_items, 3, 16, small_data.max_len, collision_digit=True, pca_dim=16)
+    sids, notes = model.build_semantic_ids(small_data)  # real PSE: 2 PQ sub-spaces + the collision digit
+    assert sids.collision_digit and sids.n_digits == 3 and "collision_digit=True" in sids.scheme
+    assert len(torch.unique(sids.codes[1:], dim=0)) == small_data.num_items, "one ID per item"
+    model.set_semantic_ids(sids, notes)
+    assert model.shared_id_keys() is None
+    history = next(iter(small_data.test_dataloader()))[HISTORY][:16]
+    for masking in ("guided", "sequential"):
+        model.masking = masking
+        masks = model.training_masks(model.encode(history), batch_size=16)  # (B, V, n)
+        assert bool(masks[..., 2].all()), f"{masking}: the collision digit is masked in every view"
+        assert masks[:, 0].sum(-1).tolist() == [1] * 16, f"{masking}: view 1 masks only the collision digit"
+    ranked = model.eval().recommend(history, 10, beam=20)
+    for row in ranked.tolist():
+        real = [i for i in row if i]
+        assert len(real) == len(set(real)) and all(1 <= i <= small_data.num_items for i in real)
+    plain = _tiny_model(small_data.num_items, 3, 16, small_data.max_len)
+    with pytest.raises(ValueError, match="collision_digit=False"):
+        plain.set_semantic_ids(sids)
+    with pytest.raises(ValueError, match="nested views"):
+        _tiny_model(50, 3, 8, 10, collision_digit=True, masking="random")
 
 
 def test_beams_narrower_than_the_largest_k_are_refused() -> None:
