@@ -1,12 +1,15 @@
 """Validation metrics of ONE trained semantic-ID checkpoint under decoding variants (same weights).
 
     python -m benchmark.perf.decode_variants --checkpoint runs/bench/<run>/checkpoints/best.ckpt \
-        --dataset beauty [--beams 16 20] [--profile quick] [--out-dir results/perf/recipe_checks] [--name NAME]
+        --dataset beauty [--beams 16 20] [--merge-duplicate-beams] [--profile quick] \
+        [--out-dir results/perf/recipe_checks] [--name NAME]
 
 A decode-time choice (the beam width, the order in which a decoded ID expands to the items that
 share it) does not change training, so its effect is measured exactly on one checkpoint: validate
 it as stored, with items of a shared ID ordered by item id instead of by the stored order, and at
-each ``--beams`` width (DiffGRM's ``val_beam``; TIGER's ``beam_size``). Validation uses the
+each ``--beams`` width (DiffGRM's ``val_beam``; TIGER's ``beam_size``), and with
+``--merge-duplicate-beams`` (DiffGRM) once more at every one of those widths with beams that reach
+the same partial ID through different fill orders merged. Validation uses the
 profile's seeded subset. Writes ``<out-dir>/<name>.json`` and ``.md`` atomically.
 """
 
@@ -36,8 +39,11 @@ def _set_beam(model: SemanticIDModel, beam: int) -> None:
     raise ValueError(f"{type(model).__name__} has no validation beam to set")
 
 
-def evaluate(checkpoint: Path, dataset: str, profile_name: str, beams: Sequence[int]) -> dict[str, Any]:
-    """``{variant: validation metrics}`` for the stored checkpoint, the item-id order and each beam."""
+def evaluate(
+    checkpoint: Path, dataset: str, profile_name: str, beams: Sequence[int], merge_duplicate_beams: bool = False
+) -> dict[str, Any]:
+    """``{variant: validation metrics}`` for the stored checkpoint, the item-id order and each beam
+    (then each beam again with duplicate beams merged, if asked)."""
     model_class = _model_class(checkpoint)
     # weights_only: a checkpoint from elsewhere must never run code; ours holds only plain types.
     model = model_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
@@ -53,9 +59,17 @@ def evaluate(checkpoint: Path, dataset: str, profile_name: str, beams: Sequence[
     model.set_semantic_ids(stored.ordered_by(torch.arange(model.num_items + 1), "item id"), model.item_side_info)
     results["item_order=item id"] = trainer.validate(model, datamodule=data, verbose=False)[0]
     model.set_semantic_ids(stored, model.item_side_info)
+    stored_beam = getattr(model, "val_beam", getattr(model, "beam_size", None))
     for beam in beams:
         _set_beam(model, beam)
         results[f"beam={beam}"] = trainer.validate(model, datamodule=data, verbose=False)[0]
+    if merge_duplicate_beams:
+        if not hasattr(model, "merge_duplicate_beams"):
+            raise ValueError(f"{type(model).__name__} has no merge_duplicate_beams option")
+        model.merge_duplicate_beams = True
+        for beam in [stored_beam, *beams]:
+            _set_beam(model, beam)
+            results[f"beam={beam}, duplicates merged"] = trainer.validate(model, datamodule=data, verbose=False)[0]
     return results
 
 
@@ -87,13 +101,18 @@ def _markdown(payload: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = checkpoint_parser(__doc__, "decode_variants")
     parser.add_argument("--beams", type=int, nargs="*", default=[], help="validation beam widths to try")
+    parser.add_argument(
+        "--merge-duplicate-beams",
+        action="store_true",
+        help="also validate every width with duplicate partial beams merged (DiffGRM)",
+    )
     args = parse_checkpoint_args(parser, argv)
     payload = {
         "checkpoint": str(args.checkpoint),
         "dataset": args.dataset,
         "profile": args.profile,
         "environment": environment(),
-        "results": evaluate(args.checkpoint, args.dataset, args.profile, args.beams),
+        "results": evaluate(args.checkpoint, args.dataset, args.profile, args.beams, args.merge_duplicate_beams),
     }
     write_report(args.out_dir, args.name or f"decode_variants_{args.dataset}", payload, _markdown(payload))
     print(json.dumps(payload["results"], indent=1))
