@@ -31,11 +31,11 @@ from recbench.semantic_id_model import SemanticIDModel
 _SHOWN = ("val/ndcg@10", "val/recall@10", "val/ndcg@20", "val/recall@20", "val/invalid_id_rate")
 
 
-def _set_beam(model: SemanticIDModel, beam: int) -> None:
+def _beam_attribute(model: SemanticIDModel) -> str:
+    """The attribute that holds the validation beam width: DiffGRM's ``val_beam``, TIGER's ``beam_size``."""
     for name in ("val_beam", "beam_size"):
         if hasattr(model, name):
-            setattr(model, name, beam)
-            return
+            return name
     raise ValueError(f"{type(model).__name__} has no validation beam to set")
 
 
@@ -49,6 +49,9 @@ def evaluate(
     model = model_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(model, SemanticIDModel):
         raise ValueError(f"{checkpoint}: {type(model).__name__} is not a semantic-ID model")
+    if merge_duplicate_beams and not hasattr(model, "merge_duplicate_beams"):  # before minutes of validation
+        raise ValueError(f"{type(model).__name__} has no merge_duplicate_beams option")
+    beam_attribute = _beam_attribute(model)
     data = instantiate_data(dataset, val_subset=load_profile(profile_name).val_subset)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
@@ -59,16 +62,14 @@ def evaluate(
     model.set_semantic_ids(stored.ordered_by(torch.arange(model.num_items + 1), "item id"), model.item_side_info)
     results["item_order=item id"] = trainer.validate(model, datamodule=data, verbose=False)[0]
     model.set_semantic_ids(stored, model.item_side_info)
-    stored_beam = getattr(model, "val_beam", getattr(model, "beam_size", None))
+    stored_beam = getattr(model, beam_attribute)
     for beam in beams:
-        _set_beam(model, beam)
+        setattr(model, beam_attribute, beam)
         results[f"beam={beam}"] = trainer.validate(model, datamodule=data, verbose=False)[0]
     if merge_duplicate_beams:
-        if not hasattr(model, "merge_duplicate_beams"):
-            raise ValueError(f"{type(model).__name__} has no merge_duplicate_beams option")
         model.merge_duplicate_beams = True
         for beam in [stored_beam, *beams]:
-            _set_beam(model, beam)
+            setattr(model, beam_attribute, beam)
             results[f"beam={beam}, duplicates merged"] = trainer.validate(model, datamodule=data, verbose=False)[0]
     return results
 
