@@ -823,9 +823,9 @@ def masked_first(order: Tensor, digit: int) -> Tensor:
     """(B, n) masking orders with ``digit`` moved to the front, the others in their order.
 
     Nested views along the result mask ``digit`` in every view, down to the one that reveals all
-    other digits: the state in which :func:`cpd_beam_search` with ``last_digit`` fills it. For a
-    collision digit, which only tells apart items that share the other digits, so it is decided
-    last (as in TIGER's autoregressive order). A stable sort, not boolean indexing: no host sync.
+    other digits: the state in which :func:`cpd_beam_search` with ``last_digit`` fills it. Meant for
+    a collision digit: it only tells apart items that share the other digits, so it is decided last
+    (as in TIGER's autoregressive order). A stable sort, not boolean indexing: no host sync.
     """
     moved = torch.argsort((order != digit).to(torch.uint8), dim=1, stable=True)  # (B, n)
     return order.gather(1, moved)
