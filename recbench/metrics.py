@@ -9,7 +9,8 @@ model's list (and a miss when it is absent from the first K):
 
 The metric state is an integer histogram of target ranks plus a case count. All three metrics are
 functions of that histogram, so the DDP reduction (a sum of integers) is exact and the metrics of
-two processes are bit-identical to those of one.
+two processes are bit-identical to those of one; ``compute`` runs on the host, so they are also the
+same bits whichever device evaluated the cases.
 """
 
 from __future__ import annotations
@@ -99,11 +100,14 @@ class RankingMetrics(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         if int(self.num_cases) == 0:
             raise RuntimeError("RankingMetrics.compute() called before any case was evaluated")
-        weights = rank_weights(self.max_k, device=self.rank_counts.device)
-        counts = self.rank_counts.to(torch.float64)
-        total = self.num_cases.to(torch.float64)
+        # On the host: float64 log2 and sums differ in the last bit between CPU and CUDA kernels, and
+        # a metric must not depend on the device that evaluated it.
+        device = self.rank_counts.device
+        weights = rank_weights(self.max_k)
+        counts = self.rank_counts.cpu().to(torch.float64)
+        total = self.num_cases.cpu().to(torch.float64)
         return {
-            f"{family}@{k}": (counts[:k] * weights[family][:k]).sum() / total
+            f"{family}@{k}": ((counts[:k] * weights[family][:k]).sum() / total).to(device)
             for k in self.ks
             for family in METRIC_FAMILIES
         }

@@ -128,7 +128,11 @@ class SeqRecModel(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[USER]))
+        # The logger reads the step value every `log_every_n_steps`; the progress bar shows the epoch
+        # mean, because a per-step bar value is a device read-back (`.item()`) after every step.
+        batch_size = len(batch[USER])
+        self.log("train/loss", loss, batch_size=batch_size)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
@@ -146,6 +150,29 @@ class SeqRecModel(pl.LightningModule):
         return torch.optim.AdamW(
             parameters, lr=self.lr, weight_decay=self.weight_decay, fused=self.device.type in ("cuda", "cpu")
         )
+
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, which also works for the fused AdamW of :meth:`adamw` under bf16.
+
+        Lightning refuses to clip for an optimiser that unscales gradients inside its step (fused
+        AdamW) under any mixed precision, since a gradient scaler would leave them scaled. bf16 and
+        fp32 have no scaler, so the gradients are the true ones and are clipped here, as Lightning
+        clips them for an unfused optimiser. With a scaler (fp16) Lightning's error stands.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not gradient_clip_val or scaler is not None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
 
     def on_train_epoch_start(self) -> None:
         self._clock["train"] = time.perf_counter()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from baselines.dreamrec import DreamRec
 from benchmark.registry import instantiate_model
@@ -47,14 +48,16 @@ def _batch(model: SeqRecModel) -> Batch:
     return {HISTORY: history, TARGET: torch.randint(1, NUM_ITEMS + 1, (BATCH,), generator=generator), USER: torch.arange(BATCH)}
 
 
+SMALL: dict[str, dict[str, object]] = {
+    "sasrec": {"hidden_size": 16},
+    "sasrec_bce1": {"hidden_size": 16},
+    "dreamrec": {"hidden_size": 16, "timesteps": 5},
+    "diffgrm": {"hidden_size": 16, "num_heads": 2, "inner_size": 32, "codebook_size": 8},
+}
+
+
 def _small(name: str) -> SeqRecModel:
-    overrides: dict[str, dict[str, object]] = {
-        "sasrec": {"hidden_size": 16},
-        "sasrec_bce1": {"hidden_size": 16},
-        "dreamrec": {"hidden_size": 16, "timesteps": 5},
-        "diffgrm": {"hidden_size": 16, "num_heads": 2, "inner_size": 32, "codebook_size": 8},
-    }
-    return instantiate_model(name, NUM_ITEMS, MAX_LEN, **overrides.get(name, {}))
+    return instantiate_model(name, NUM_ITEMS, MAX_LEN, **SMALL.get(name, {}))
 
 
 def _decode(model: SeqRecModel, history: torch.Tensor) -> torch.Tensor:
@@ -75,9 +78,14 @@ def _lookup_on(sids: SemanticIDs, device: torch.device) -> SemanticIDs:
     return moved
 
 
-def _run_step(model: SeqRecModel, device: torch.device) -> None:
-    """One training step (loss + backward) and one decoding step on ``device``."""
-    batch = {key: value.to(device) for key, value in _batch(model).items()}
+def _on(device: torch.device, model: SeqRecModel) -> Batch:
+    """The model's batch on ``device``: the loader's copy, which happens before a step starts."""
+    return {key: value.to(device) for key, value in _batch(model).items()}
+
+
+def _run_step(model: SeqRecModel, batch: Batch) -> None:
+    """One training step (loss + backward) and one decoding step on the batch's device."""
+    device = next(iter(batch.values())).device
     lookup = model.semantic_ids if isinstance(model, SemanticIDModel) else None
     model = model.to(device).train()
     if lookup is not None and device.type == "meta":
@@ -105,7 +113,7 @@ STEP_CHECKS: dict[str, Callable[[SeqRecModel], None]] = {
 def test_training_and_decoding_steps_read_nothing_back_from_the_device(name: str) -> None:
     model = _small(name)
     STEP_CHECKS[name](model)
-    _run_step(model, torch.device("meta"))
+    _run_step(model, _on(torch.device("meta"), model))
 
 
 def test_the_meta_check_can_fail() -> None:
@@ -123,10 +131,60 @@ def test_the_meta_check_can_fail() -> None:
 def test_steps_do_not_synchronise_on_cuda(name: str) -> None:
     model = _small(name)
     STEP_CHECKS[name](model)
-    _run_step(model, torch.device("cuda"))  # warm-up: lazy tables, cuBLAS handles
+    batch = _on(torch.device("cuda"), model)
+    _run_step(model, batch)  # warm-up: lazy tables, cuBLAS handles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _run_step(model, torch.device("cuda"))
+        _run_step(model, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class _CountReadBacks:
+    """Counts ``Tensor.item`` calls from the end of the second training batch to the end of the
+    training steps of a CPU fit: on CUDA each one waits for the device (Lightning turns progress-bar
+    values into numbers with it), so this is the CPU stand-in of test_gpu's sync-debug window."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import lightning.pytorch as pl
+
+        self.read_backs = 0
+        original = torch.Tensor.item
+        counter = self
+
+        def counting_item(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
+            counter.read_backs += 1
+            return original(tensor)
+
+        class Window(pl.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:  # type: ignore[no-untyped-def]
+                if batch_idx == 1:
+                    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+
+            def on_train_epoch_end(self, trainer, module) -> None:  # type: ignore[no-untyped-def]
+                monkeypatch.setattr(torch.Tensor, "item", original)
+
+        self.callback = Window()
+
+
+@pytest.mark.parametrize("name", ["sasrec", "diffgrm"])
+def test_bf16_fit_steps_read_nothing_back_and_clip_with_the_fused_optimiser(
+    name: str, tiny_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16-mixed fit (the paper profile's precision) with the fused AdamW: DiffGRM clips gradients
+    (Lightning refuses that for a fused optimiser unless recbench clips them itself), and no step
+    after the second reads a value back for the progress bar."""
+    model = instantiate_model(name, tiny_data.num_items, tiny_data.max_len, **SMALL.get(name, {}))
+    if isinstance(model, SemanticIDModel):
+        digits = model.n_digits
+        items = torch.arange(tiny_data.num_items + 1)
+        codes = torch.stack([(items // 8 ** (digits - 1 - d)) % 8 for d in range(digits)], dim=1)
+        model.set_semantic_ids(SemanticIDs(codes, (8,) * digits, "counting", collision_digit=model.collision_digit))
+    window = _CountReadBacks(monkeypatch)
+    trainer = quiet_trainer(precision="bf16-mixed", limit_train_batches=5, limit_val_batches=0, log_every_n_steps=1000,
+                            callbacks=[window.callback])
+    trainer.fit(model, datamodule=tiny_data)
+    assert trainer.global_step == 5
+    assert window.read_backs == 0
+    assert trainer.progress_bar_metrics["train/loss_epoch"] > 0
