@@ -39,7 +39,8 @@ def test_compare_ranks_the_example_model(tmp_path: Path) -> None:
     result = _run("-m", "benchmark.cli", "compare", str(EXAMPLES / "mean_pool.yaml"), "--reference_dir", "ref",
                   *common, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    ranking = [line.split()[1] for line in result.stdout.splitlines() if line.strip()[:1].isdigit() and "  " in line]
+    table = result.stdout.split("rank among the stored converged rows", 1)[1]  # after the progress bars
+    ranking = [line.split()[1] for line in table.splitlines() if line.strip()[:1].isdigit() and "  " in line]
     assert "mean_pool" in ranking and "popularity" in ranking
     assert any(line.startswith("popularity") and "ndcg@10" in line for line in result.stdout.splitlines())
     assert "needs >= 2 converged seeds of mean_pool" in result.stdout  # one seed: no seed-level test

@@ -14,8 +14,9 @@ Each semantic-ID model adds itself to :data:`STEP_CHECKS` with its own tiny set-
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -87,14 +88,32 @@ def _run_step(model: SeqRecModel, batch: Batch) -> None:
     """One training step (loss + backward) and one decoding step on the batch's device."""
     device = next(iter(batch.values())).device
     lookup = model.semantic_ids if isinstance(model, SemanticIDModel) else None
-    model = model.to(device).train()
+    model.to(device)
     if lookup is not None and device.type == "meta":
         model._sids = _lookup_on(lookup, device)
-    loss = model.loss(batch)
-    loss.backward()
+    _train_step(model, batch)
+    _decode_step(model, batch)
+
+
+def _train_step(model: SeqRecModel, batch: Batch) -> None:
+    model.train()
+    model.loss(batch).backward()
+
+
+def _decode_step(model: SeqRecModel, batch: Batch) -> None:
     model.eval()
     history = batch[SEQUENCE][:, :-1] if SEQUENCE in batch else batch[HISTORY]
     assert _decode(model, history).shape[0] == BATCH
+
+
+@contextlib.contextmanager
+def _sync_is_an_error() -> Iterator[None]:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 #: model config -> how to prepare it before the step (semantic-ID models install hand-made IDs).
@@ -133,12 +152,12 @@ def test_steps_do_not_synchronise_on_cuda(name: str) -> None:
     STEP_CHECKS[name](model)
     batch = _on(torch.device("cuda"), model)
     _run_step(model, batch)  # warm-up: lazy tables, cuBLAS handles
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        _run_step(model, batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with _sync_is_an_error():
+        _train_step(model, batch)
+    if isinstance(model, DreamRec):
+        model.item_index()  # once per evaluation, not per step: it reads the allowed-item mask back
+    with _sync_is_an_error():
+        _decode_step(model, batch)
 
 
 class _CountReadBacks:
