@@ -56,9 +56,10 @@ lint:
 # here builds .whl/ and .carry/; `make gpu-bench` (= `bash benchmark/gpu/run.sh`) is the device call's
 # command, with carry [".whl", ".carry"]; `make gpu-import FILES=<files_at>` stores the rows it returns.
 GPU_PLAN ?=
+GPU_MARGIN_MIB ?=
 GPU_RESULTS_DIR ?= results
 gpu-prepare:
-	$(PY) -m benchmark.gpu.prepare $(if $(GPU_PLAN),--plan '$(GPU_PLAN)',)
+	$(PY) -m benchmark.gpu.prepare $(if $(GPU_PLAN),--plan '$(GPU_PLAN)',) $(if $(GPU_MARGIN_MIB),--margin-mib $(GPU_MARGIN_MIB),)
 
 gpu-bench:
 	bash benchmark/gpu/run.sh

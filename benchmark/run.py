@@ -630,6 +630,12 @@ def existing_keys(results_dir: Path, dataset_name: str) -> set[tuple[str, ...]]:
     return {_row_key(row) for row in read_rows(results_dir / f"{dataset_name}.csv")}
 
 
+def settled_keys(results_dir: Path, dataset_name: str) -> set[tuple[str, ...]]:
+    """The keys of the stored rows that a new fit would not change: every stop but the wall-clock
+    safety net (``time limit``), which on a lent GPU is the call's clock, not the profile's."""
+    return {_row_key(row) for row in read_rows(results_dir / f"{dataset_name}.csv") if row["stopped_by"] != "time limit"}
+
+
 def bench(
     dataset: str = "synthetic",
     models: Sequence[str] | None = None,

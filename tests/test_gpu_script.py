@@ -72,13 +72,13 @@ def _prepare(tmp: Path, plan: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _run_script(tmp: Path, stored: Path, out: Path, test_seconds: int = 0) -> subprocess.CompletedProcess[str]:
+def _run_script(tmp: Path, stored: Path, out: Path, test_seconds: int = 0, work: Path | None = None) -> subprocess.CompletedProcess[str]:
     """run.sh as on the GPU machine: no raw data (RECBENCH_DATA_DIR unset; the script points it at an
     empty folder), a fresh cache, no wheels to install (this venv has the packages); the CUDA tests
     after the bench only when ``test_seconds`` > 0."""
     (tmp / "no-wheels").mkdir(exist_ok=True)
     env = _python_env(
-        OUT=str(out), PYTHON=sys.executable, GPU_SITE=str(tmp / "site"), GPU_WORK=str(tmp / "work"),
+        OUT=str(out), PYTHON=sys.executable, GPU_SITE=str(tmp / "site"), GPU_WORK=str(work or tmp / "work"),
         GPU_WHEELS=str(tmp / "no-wheels"), GPU_CARRY=str(tmp / "carry"), GPU_TEST_SECONDS=str(test_seconds),
         GPU_BENCH_ARGS=f"--stored-results {stored} --reserve-seconds 0 --min-fit-seconds 0",
     )
@@ -206,6 +206,66 @@ def test_a_wrong_profile_and_a_repeated_key_are_rejected(gpu_round: dict, tmp_pa
     assert len(stored) == 2 and len(rejected) == 1
     assert rejected[0].location.startswith("results.tar.gz:results/beauty.csv:4")
     assert "its key repeats results.tar.gz:results/beauty.csv:3" in rejected[0].problems[0]
+
+
+def _store_as_cut_by_the_clock(results: Path, config: str, train_seconds: str | None = None) -> str:
+    """Turn the stored row of ``config`` into one of another run that the time limit ended (as an
+    earlier GPU call whose clock cut the fit leaves it); returns that run id."""
+    rows = read_rows(results / "beauty.csv")
+    row = next(r for r in rows if r["config"] == config)
+    old_run = row["run_id"] + "-earlier-call"
+    (results / "runs" / row["run_id"]).rename(results / "runs" / old_run)
+    row.update(run_id=old_run, converged="False", stopped_by="time limit", train_seconds=train_seconds or row["train_seconds"])
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ROW_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    (results / "beauty.csv").write_text(buffer.getvalue())
+    return old_run
+
+
+def test_a_row_the_call_clock_cut_is_fitted_again_and_superseded(gpu_round: dict, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A stored row the time limit ended does not block its key: the bench fits it again and a row
+    that ends otherwise (here the smoke profile's epoch cap) replaces it on import, its run folder
+    kept; rows that ended otherwise are never refitted, and a time-limited row never replaces one."""
+    results = tmp_path / "results"
+    import_rows(gpu_round["out"], results, profile="smoke")
+    old_run = _store_as_cut_by_the_clock(results, "sasrec")
+
+    rerun = _run_script(gpu_round["tmp"], results, tmp_path / "out2", work=tmp_path / "fresh-machine")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert [(r["config"], r["status"]) for r in summary["runs"]] == [("popularity", "skipped"), ("sasrec", "stored")]
+    assert "beauty sasrec seed 1: a time limit ended it after" in rerun.stdout
+    assert "in an earlier call; fitting it again with" in rerun.stdout
+
+    status = import_main([str(tmp_path / "out2"), "--results-dir", str(results), "--profile", "smoke"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert f"replacing the time-limited row of run {old_run}" in printed.out
+    rows = read_rows(results / "beauty.csv")
+    assert [(r["config"], r["stopped_by"]) for r in rows] == [("popularity", "complete"), ("sasrec", "epoch cap")]
+    assert (results / "runs" / old_run / "metrics.json").is_file()
+
+    # A call that cannot offer 1.25 times the training time the clock cut does not start the fit.
+    long_cut = tmp_path / "long-cut"
+    import_rows(gpu_round["out"], long_cut, profile="smoke")
+    _store_as_cut_by_the_clock(long_cut, "sasrec", train_seconds="100000.0")
+    short = _run_script(gpu_round["tmp"], long_cut, tmp_path / "out3", work=tmp_path / "another-machine")
+    assert short.returncode == 0, short.stdout + short.stderr
+    (_, sasrec) = json.loads((tmp_path / "out3" / "summary.json").read_text())["runs"]
+    assert sasrec["status"] == "skipped" and sasrec["reason"].startswith(
+        "a time limit ended it after 100000 s of training in an earlier call and this call offers"), sasrec
+
+    # Stored and archived rows both ended by the time limit: rejected (a second cut fit adds nothing).
+    other = tmp_path / "other"
+    import_rows(gpu_round["out"], other, profile="smoke")
+    _store_as_cut_by_the_clock(other, "sasrec")
+    cut = _damaged(gpu_round["out"], tmp_path / "cut", lambda r: (_edit_row(r, 3, stopped_by="time limit"),
+                                                                    _edit_metrics(r, 3, stopped_by="time limit")))
+    stored, rejected = import_rows(cut, other, profile="smoke")
+    assert not stored and len(rejected) == 2
+    assert "stored already" in rejected[1].problems[0] and "ended by the time limit" in rejected[1].problems[0]
 
 
 def test_without_raw_files_or_a_carried_cache_the_error_says_what_to_do(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

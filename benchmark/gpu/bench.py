@@ -12,7 +12,11 @@ What it does, in order:
    Sports, YooChoose, Steam), with each model's paper config (:func:`benchmark.run.model_config_for`),
    and skips a run whose key (dataset, protocol, config, seed, profile) is stored in
    ``--stored-results`` (the tree's ``results/``, which travels with it) or already written by this
-   call, whose artefacts were left out of the carry, or whose carried data cache does not verify;
+   call, whose artefacts were left out of the carry, or whose carried data cache does not verify. A
+   key stored only by fits the safety net ended (``time limit``: an earlier call's clock, which says
+   nothing about the profile) is fitted again when this call offers at least :data:`REFIT_MARGIN`
+   times the training time it had, and skipped (saying so) otherwise; a row that ends otherwise
+   supersedes them on import;
 3. fits each remaining run through :func:`benchmark.run.run_one` into a fresh results folder, with the
    profile's wall-clock safety net set to the time left before the deadline minus
    ``--reserve-seconds`` (the final validation, the test pass and the writes), rounded down to half
@@ -58,7 +62,9 @@ from benchmark.run import (
     existing_keys,
     load_profile,
     model_config_for,
+    read_rows,
     run_one,
+    settled_keys,
     summary_line,
 )
 
@@ -83,6 +89,18 @@ def write_archive(results_dir: Path, work_dir: Path, out: Path) -> Path:
             tar.add(metrics, arcname=f"training-logs/{metrics.parents[1].name}.csv")
     os.replace(partial, target)
     return target
+
+
+#: A fit the time limit ended is fitted again only with this many times its earlier training time.
+REFIT_MARGIN = 1.25
+
+
+def time_limited_seconds(stored_results: Path, dataset_name: str, key: tuple[str, ...]) -> float | None:
+    """The longest training time of the stored rows of ``key`` (all ended by the time limit: a settled
+    row is skipped before this is asked); ``None`` when none is stored."""
+    seconds = [float(row["train_seconds"] or 0) for row in read_rows(stored_results / f"{dataset_name}.csv")
+               if _row_key(row) == key]
+    return max(seconds) if seconds else None
 
 
 def fit_limit_minutes(seconds_left: float, reserve_seconds: float, min_fit_seconds: float) -> float | None:
@@ -151,7 +169,7 @@ def bench_on_device(
                         continue
                     key = _row_key({"dataset": data.name, "protocol": data.split, "config": config, "seed": seed,
                                     "profile": profile.name})
-                    if key in existing_keys(stored_results, data.name) | existing_keys(results_dir, data.name):
+                    if key in settled_keys(stored_results, data.name) | existing_keys(results_dir, data.name):
                         record(dataset, config, seed, "skipped", reason="stored already")
                         continue
                     limit = None if stopped else fit_limit_minutes(deadline - time.time(), reserve_seconds, min_fit_seconds)
@@ -159,6 +177,16 @@ def bench_on_device(
                         stopped = True
                         record(dataset, config, seed, "not started", reason="deadline")
                         continue
+                    cut_at = time_limited_seconds(stored_results, data.name, key)
+                    if cut_at is not None:
+                        if limit * 60 < REFIT_MARGIN * cut_at:
+                            record(dataset, config, seed, "skipped", reason=(
+                                f"a time limit ended it after {cut_at:.0f} s of training in an earlier call and this "
+                                f"call offers {limit * 60:.0f} s; a call with GPU_TEST_SECONDS=0 and "
+                                "GPU_BENCH_SECONDS=570 offers more"))
+                            continue
+                        _log(f"{dataset} {config} seed {seed}: a time limit ended it after {cut_at:.0f} s of "
+                             f"training in an earlier call; fitting it again with {limit * 60:.0f} s")
                     spec = RunSpec(dataset, config, seed, dataclasses.replace(profile, time_limit_minutes=limit))
                     _log(f"{spec.run_id}: fit with a {limit:g}-minute safety net")
                     started = time.time()

@@ -14,8 +14,12 @@ every row of every ``results/<dataset>.csv`` in it is checked:
   equals the row column by column (in the CSV's text form); ``cases.parquet`` has one row per test
   case (``config.json``'s ``data.test_cases``) with distinct ``case`` values; the data fingerprint
   is the config's;
-- the key (dataset, protocol, config, seed, profile) is neither stored in ``--results-dir`` nor
-  repeated in the archive.
+- the key (dataset, protocol, config, seed, profile) is not repeated in the archive and not stored in
+  ``--results-dir``, except by fits the safety net ended (``stopped_by = "time limit"``): a row that
+  ended otherwise (early stopping, the epoch cap) supersedes those (:func:`benchmark.run.append_row`
+  with ``replace``, the path ``recbench bench --force`` takes; the superseded row's run folder, whose
+  ``metrics.json`` holds it, stays in ``runs/``). On a lent GPU the safety net is the call's clock:
+  such a row is not a property of its key and must not keep a later call from finishing the fit.
 
 A row that fails is reported with its location (``archive:results/<csv>:<line> (run <id>)``) and
 every reason, and is not stored. A row that passes gets its run folder copied into
@@ -57,6 +61,8 @@ class Checked:
     row: dict[str, str]
     run_dir: Path
     problems: list[str] = field(default_factory=list)
+    #: run ids of the stored rows of this key that the time limit ended, which this row replaces
+    supersedes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -108,7 +114,9 @@ def check_rows(results: Path, archive: Path, profile: str, stored_dir: Path) -> 
             extra = [c for c in header if c not in ROW_COLUMNS]
             header_problem = (f"the CSV header is not ROW_COLUMNS of schema {ROW_SCHEMA_VERSION} "
                               f"(missing {missing}, extra {extra}{', order differs' if not missing and not extra else ''})")
-        stored = {_row_key(row) for row in read_rows(stored_dir / table.name)}
+        stored: dict[tuple[str, ...], list[dict[str, str]]] = {}
+        for existing in read_rows(stored_dir / table.name):
+            stored.setdefault(_row_key(existing), []).append(existing)
         for line, row in enumerate(rows, 2):
             run_id = row.get("run_id") or ""
             item = Checked(f"{archive.name}:results/{table.name}:{line} (run {run_id or '?'})", row,
@@ -118,13 +126,18 @@ def check_rows(results: Path, archive: Path, profile: str, stored_dir: Path) -> 
             else:
                 item.problems += _check_row(row, table.stem, profile, results)
                 key = _row_key(row)
-                if key in stored:
+                stored_rows = stored.get(key, [])
+                cut = [r for r in stored_rows if r["stopped_by"] == "time limit"]
+                if stored_rows and (row["stopped_by"] == "time limit" or len(cut) < len(stored_rows)):
+                    how = "ended by the time limit" if len(cut) == len(stored_rows) else "settled"
                     item.problems.append(f"a row for {dict(zip(KEY_COLUMNS, key, strict=True))} is stored already in "
-                                         f"{stored_dir / table.name}")
+                                         f"{stored_dir / table.name} ({how}; only a fit that did not end by the "
+                                         "time limit replaces one that did)")
                 elif key in seen:
                     item.problems.append(f"its key repeats {seen[key]}")
                 else:
                     seen[key] = item.location
+                    item.supersedes = [r["run_id"] for r in stored_rows]
             checked.append(item)
     return checked
 
@@ -192,7 +205,7 @@ def store(item: Checked, results_dir: Path) -> None:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    append_row(results_dir / f"{item.row['dataset']}.csv", dict(item.row))
+    append_row(results_dir / f"{item.row['dataset']}.csv", dict(item.row), replace=bool(item.supersedes))
 
 
 def import_rows(files: Path, results_dir: Path, profile: str = "paper") -> tuple[list[Checked], list[Checked]]:
@@ -225,7 +238,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"gpu-import: error: {error}", file=sys.stderr)
         return 1
     for item in stored:
-        print(f"gpu-import: stored {item.label} into {args.results_dir}")
+        replaced = (f", replacing the time-limited row of run {', '.join(item.supersedes)} (its folder stays in "
+                    f"{args.results_dir}/runs/)" if item.supersedes else "")
+        print(f"gpu-import: stored {item.label} into {args.results_dir}{replaced}")
     for item in rejected:
         print(f"gpu-import: REJECTED {item.location}: {'; '.join(item.problems)}", file=sys.stderr)
     print(f"gpu-import: {len(stored)} row(s) stored, {len(rejected)} rejected")
