@@ -630,10 +630,18 @@ def existing_keys(results_dir: Path, dataset_name: str) -> set[tuple[str, ...]]:
     return {_row_key(row) for row in read_rows(results_dir / f"{dataset_name}.csv")}
 
 
-def settled_keys(results_dir: Path, dataset_name: str) -> set[tuple[str, ...]]:
-    """The keys of the stored rows that a new fit would not change: every stop but the wall-clock
-    safety net (``time limit``), which on a lent GPU is the call's clock, not the profile's."""
-    return {_row_key(row) for row in read_rows(results_dir / f"{dataset_name}.csv") if row["stopped_by"] != "time limit"}
+def rows_by_key(path: Path) -> dict[tuple[str, ...], list[dict[str, str]]]:
+    """The stored rows of a results CSV, grouped by key."""
+    grouped: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for row in read_rows(path):
+        grouped.setdefault(_row_key(row), []).append(row)
+    return grouped
+
+
+def settled(rows: Sequence[dict[str, str]]) -> bool:
+    """Whether a new fit would not change these stored rows of one key: one of them stopped otherwise
+    than by the wall-clock safety net (``time limit``), which on a lent GPU is the call's clock."""
+    return any(row["stopped_by"] != "time limit" for row in rows)
 
 
 def bench(

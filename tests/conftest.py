@@ -48,3 +48,19 @@ def fit_and_test(model, data, max_epochs: int) -> dict[str, float]:
     trainer.fit(model, datamodule=data)
     (metrics,) = trainer.test(model, datamodule=data, verbose=False)
     return metrics
+
+
+def install_counting_ids(model, num_items: int) -> None:  # type: ignore[no-untyped-def]
+    """Give a semantic-ID model item i's ID = i written in base ``codebook_size`` (unique; fitting IDs
+    needs faiss, which the GPU image lacks); other models are left as they are."""
+    import torch
+
+    from recbench.semantic_id_model import SemanticIDModel
+    from recbench.semantic_ids import SemanticIDs
+
+    if not isinstance(model, SemanticIDModel):
+        return
+    base, digits = model.codebook_size, model.n_digits
+    items = torch.arange(num_items + 1)
+    codes = torch.stack([(items // base ** (digits - 1 - d)) % base for d in range(digits)], dim=1)
+    model.set_semantic_ids(SemanticIDs(codes, (base,) * digits, "counting", collision_digit=model.collision_digit))

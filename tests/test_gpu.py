@@ -8,6 +8,7 @@ of fitted ones.
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import install_counting_ids
 
 from benchmark.registry import config_names, instantiate_model
 from datamodules.synthetic import SyntheticDataModule
@@ -15,21 +16,14 @@ from recbench.batch import USER
 from recbench.metrics import RankingMetrics
 from recbench.model import SeqRecModel
 from recbench.retrieval import ItemIndex
-from recbench.semantic_id_model import SemanticIDModel
-from recbench.semantic_ids import SemanticIDs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _gpu_model(name: str, data) -> SeqRecModel:
-    """``name`` over ``data``; a semantic-ID model gets item i's ID = i written in base
-    ``codebook_size`` (unique; fitting IDs needs faiss, which the GPU image lacks)."""
+    """``name`` over ``data``, with counting semantic IDs (:func:`conftest.install_counting_ids`)."""
     model = instantiate_model(name, data.num_items, data.max_len)
-    if isinstance(model, SemanticIDModel):
-        base, digits = model.codebook_size, model.n_digits
-        items = torch.arange(data.num_items + 1)
-        codes = torch.stack([(items // base ** (digits - 1 - d)) % base for d in range(digits)], dim=1)
-        model.set_semantic_ids(SemanticIDs(codes, (base,) * digits, "counting", collision_digit=model.collision_digit))
+    install_counting_ids(model, data.num_items)
     return model
 
 

@@ -18,9 +18,10 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import install_counting_ids, quiet_trainer
 
 from baselines.dreamrec import DreamRec
 from benchmark.registry import instantiate_model
@@ -160,31 +161,26 @@ def test_steps_do_not_synchronise_on_cuda(name: str) -> None:
         _decode_step(model, batch)
 
 
-class _CountReadBacks:
+class _CountReadBacks(pl.Callback):
     """Counts ``Tensor.item`` calls from the end of the second training batch to the end of the
     training steps of a CPU fit: on CUDA each one waits for the device (Lightning turns progress-bar
     values into numbers with it), so this is the CPU stand-in of test_gpu's sync-debug window."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import lightning.pytorch as pl
-
         self.read_backs = 0
-        original = torch.Tensor.item
-        counter = self
+        self._monkeypatch = monkeypatch
+        self._item = torch.Tensor.item
 
-        def counting_item(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
-            counter.read_backs += 1
-            return original(tensor)
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:  # type: ignore[no-untyped-def]
+        if batch_idx == 1:
+            def counting_item(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
+                self.read_backs += 1
+                return self._item(tensor)
 
-        class Window(pl.Callback):
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:  # type: ignore[no-untyped-def]
-                if batch_idx == 1:
-                    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+            self._monkeypatch.setattr(torch.Tensor, "item", counting_item)
 
-            def on_train_epoch_end(self, trainer, module) -> None:  # type: ignore[no-untyped-def]
-                monkeypatch.setattr(torch.Tensor, "item", original)
-
-        self.callback = Window()
+    def on_train_epoch_end(self, trainer, module) -> None:  # type: ignore[no-untyped-def]
+        self._monkeypatch.setattr(torch.Tensor, "item", self._item)
 
 
 @pytest.mark.parametrize("name", ["sasrec", "diffgrm"])
@@ -195,14 +191,10 @@ def test_bf16_fit_steps_read_nothing_back_and_clip_with_the_fused_optimiser(
     (Lightning refuses that for a fused optimiser unless recbench clips them itself), and no step
     after the second reads a value back for the progress bar."""
     model = instantiate_model(name, tiny_data.num_items, tiny_data.max_len, **SMALL.get(name, {}))
-    if isinstance(model, SemanticIDModel):
-        digits = model.n_digits
-        items = torch.arange(tiny_data.num_items + 1)
-        codes = torch.stack([(items // 8 ** (digits - 1 - d)) % 8 for d in range(digits)], dim=1)
-        model.set_semantic_ids(SemanticIDs(codes, (8,) * digits, "counting", collision_digit=model.collision_digit))
+    install_counting_ids(model, tiny_data.num_items)
     window = _CountReadBacks(monkeypatch)
     trainer = quiet_trainer(precision="bf16-mixed", limit_train_batches=5, limit_val_batches=0, log_every_n_steps=1000,
-                            callbacks=[window.callback])
+                            callbacks=[window])
     trainer.fit(model, datamodule=tiny_data)
     assert trainer.global_step == 5
     assert window.read_backs == 0

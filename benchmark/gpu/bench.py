@@ -62,9 +62,9 @@ from benchmark.run import (
     existing_keys,
     load_profile,
     model_config_for,
-    read_rows,
+    rows_by_key,
     run_one,
-    settled_keys,
+    settled,
     summary_line,
 )
 
@@ -93,14 +93,6 @@ def write_archive(results_dir: Path, work_dir: Path, out: Path) -> Path:
 
 #: A fit the time limit ended is fitted again only with this many times its earlier training time.
 REFIT_MARGIN = 1.25
-
-
-def time_limited_seconds(stored_results: Path, dataset_name: str, key: tuple[str, ...]) -> float | None:
-    """The longest training time of the stored rows of ``key`` (all ended by the time limit: a settled
-    row is skipped before this is asked); ``None`` when none is stored."""
-    seconds = [float(row["train_seconds"] or 0) for row in read_rows(stored_results / f"{dataset_name}.csv")
-               if _row_key(row) == key]
-    return max(seconds) if seconds else None
 
 
 def fit_limit_minutes(seconds_left: float, reserve_seconds: float, min_fit_seconds: float) -> float | None:
@@ -154,6 +146,7 @@ def bench_on_device(
                 problem = check_dataset(manifest, dataset, Path(resolve_config("data", dataset)).read_text(), data)
             except CarryError as error:
                 problem = str(error)
+            stored = rows_by_key(stored_results / f"{data.name}.csv")
             for model in models:
                 config = model_config_for(model, profile)
                 for seed in seeds:
@@ -169,7 +162,8 @@ def bench_on_device(
                         continue
                     key = _row_key({"dataset": data.name, "protocol": data.split, "config": config, "seed": seed,
                                     "profile": profile.name})
-                    if key in settled_keys(stored_results, data.name) | existing_keys(results_dir, data.name):
+                    previous = stored.get(key, [])
+                    if settled(previous) or key in existing_keys(results_dir, data.name):
                         record(dataset, config, seed, "skipped", reason="stored already")
                         continue
                     limit = None if stopped else fit_limit_minutes(deadline - time.time(), reserve_seconds, min_fit_seconds)
@@ -177,8 +171,8 @@ def bench_on_device(
                         stopped = True
                         record(dataset, config, seed, "not started", reason="deadline")
                         continue
-                    cut_at = time_limited_seconds(stored_results, data.name, key)
-                    if cut_at is not None:
+                    if previous:  # all ended by the time limit: their longest training time
+                        cut_at = max(float(row["train_seconds"] or 0) for row in previous)
                         if limit * 60 < REFIT_MARGIN * cut_at:
                             record(dataset, config, seed, "skipped", reason=(
                                 f"a time limit ended it after {cut_at:.0f} s of training in an earlier call and this "

@@ -44,7 +44,16 @@ from pathlib import Path
 import polars
 
 from benchmark.gpu.bench import ARCHIVE
-from benchmark.run import KEY_COLUMNS, ROW_COLUMNS, ROW_SCHEMA_VERSION, _row_key, append_row, read_rows
+from benchmark.run import (
+    KEY_COLUMNS,
+    ROW_COLUMNS,
+    ROW_SCHEMA_VERSION,
+    _row_key,
+    append_row,
+    read_rows,
+    rows_by_key,
+    settled,
+)
 
 RUN_FILES = ("config.json", "metrics.json", "cases.parquet")
 
@@ -114,9 +123,7 @@ def check_rows(results: Path, archive: Path, profile: str, stored_dir: Path) -> 
             extra = [c for c in header if c not in ROW_COLUMNS]
             header_problem = (f"the CSV header is not ROW_COLUMNS of schema {ROW_SCHEMA_VERSION} "
                               f"(missing {missing}, extra {extra}{', order differs' if not missing and not extra else ''})")
-        stored: dict[tuple[str, ...], list[dict[str, str]]] = {}
-        for existing in read_rows(stored_dir / table.name):
-            stored.setdefault(_row_key(existing), []).append(existing)
+        stored = rows_by_key(stored_dir / table.name)
         for line, row in enumerate(rows, 2):
             run_id = row.get("run_id") or ""
             item = Checked(f"{archive.name}:results/{table.name}:{line} (run {run_id or '?'})", row,
@@ -127,9 +134,8 @@ def check_rows(results: Path, archive: Path, profile: str, stored_dir: Path) -> 
                 item.problems += _check_row(row, table.stem, profile, results)
                 key = _row_key(row)
                 stored_rows = stored.get(key, [])
-                cut = [r for r in stored_rows if r["stopped_by"] == "time limit"]
-                if stored_rows and (row["stopped_by"] == "time limit" or len(cut) < len(stored_rows)):
-                    how = "ended by the time limit" if len(cut) == len(stored_rows) else "settled"
+                if stored_rows and (row["stopped_by"] == "time limit" or settled(stored_rows)):
+                    how = "settled" if settled(stored_rows) else "ended by the time limit"
                     item.problems.append(f"a row for {dict(zip(KEY_COLUMNS, key, strict=True))} is stored already in "
                                          f"{stored_dir / table.name} ({how}; only a fit that did not end by the "
                                          "time limit replaces one that did)")
