@@ -126,11 +126,35 @@ def test_the_script_runs_from_the_carried_caches_and_its_rows_import(gpu_round: 
     again_stored, again_rejected = import_rows(out, results, profile="smoke")
     assert not again_stored and all("stored already" in " ".join(r.problems) for r in again_rejected)
 
-    # Rerunning with those rows stored fits nothing.
-    rerun = _run_script(gpu_round["tmp"], results, tmp_path / "out2")
+    # Rerunning with those rows stored fits nothing (on another machine: the fixture's stays as the
+    # first call left it, for the warm-machine test below).
+    rerun = _run_script(gpu_round["tmp"], results, tmp_path / "out2", work=tmp_path / "another-machine")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     statuses = [(r["status"], r.get("reason")) for r in json.loads((tmp_path / "out2" / "summary.json").read_text())["runs"]]
     assert statuses == [("skipped", "stored already")] * 2
+
+
+def test_a_warm_machine_does_not_archive_an_earlier_calls_rows_again(gpu_round: dict, tmp_path: Path) -> None:
+    """A second call on a machine kept warm finds the first call's results folder: its rows count as
+    fitted, but only this call's rows travel back (the first call's came back with its files), so
+    importing both calls' files stores each row once and rejects nothing."""
+    warm = tmp_path / "warm-machine"
+    shutil.copytree(gpu_round["tmp"] / "work", warm)
+    nothing_stored = tmp_path / "stored"
+    nothing_stored.mkdir()
+    second = _run_script(gpu_round["tmp"], nothing_stored, tmp_path / "out2", work=warm)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "from an earlier call on this machine set aside as" in second.stdout
+    runs = json.loads((tmp_path / "out2" / "summary.json").read_text())["runs"]
+    assert [(r["config"], r["status"]) for r in runs] == [("popularity", "skipped"), ("sasrec", "skipped")]
+    assert all(r["reason"].startswith("fitted by an earlier call on this machine") for r in runs), runs
+    with tarfile.open(tmp_path / "out2" / "results.tar.gz") as tar:
+        assert not [name for name in tar.getnames() if name.endswith(".csv")], tar.getnames()
+
+    results = tmp_path / "results"
+    assert [len(rows) for rows in import_rows(gpu_round["out"], results, profile="smoke")] == [2, 0]
+    assert [len(rows) for rows in import_rows(tmp_path / "out2", results, profile="smoke")] == [0, 0]
+    assert [row["config"] for row in read_rows(results / "beauty.csv")] == ["popularity", "sasrec"]
 
 
 def _damaged(out: Path, target: Path, change) -> Path:  # type: ignore[no-untyped-def]

@@ -16,7 +16,9 @@ What it does, in order:
    key stored only by fits the safety net ended (``time limit``: an earlier call's clock, which says
    nothing about the profile) is fitted again when this call offers at least :data:`REFIT_MARGIN`
    times the training time it had, and skipped (saying so) otherwise; a row that ends otherwise
-   supersedes them on import;
+   supersedes them on import. A machine kept warm between two calls still holds the earlier call's
+   results folder: it is set aside (``results.earlier/call-N``), its rows count as fitted (their files
+   came back with that call) and this call's archive holds only this call's rows;
 3. fits each remaining run through :func:`benchmark.run.run_one` into a fresh results folder, with the
    profile's wall-clock safety net set to the time left before the deadline minus
    ``--reserve-seconds`` (the final validation, the test pass and the writes), rounded down to half
@@ -104,6 +106,21 @@ def fit_limit_minutes(seconds_left: float, reserve_seconds: float, min_fit_secon
     return math.floor(budget / 30) / 2
 
 
+def set_aside_earlier_results(results_dir: Path) -> list[Path]:
+    """Move a results folder an earlier call on this (warm) machine left into ``<results_dir>.earlier/``;
+    returns every folder set aside there, oldest first. ``results_dir`` is then free for this call."""
+    earlier_root = results_dir.with_name(results_dir.name + ".earlier")
+    if results_dir.exists():
+        earlier_root.mkdir(parents=True, exist_ok=True)
+        calls = len(list(earlier_root.iterdir()))
+        results_dir.rename(earlier_root / f"call-{calls + 1}")
+        _log(f"{results_dir} from an earlier call on this machine set aside as {earlier_root}/call-{calls + 1}: "
+             "its rows came back with that call's files and are not archived again")
+    if not earlier_root.is_dir():
+        return []
+    return sorted(earlier_root.iterdir(), key=lambda folder: int(folder.name.rpartition("-")[2]))
+
+
 def bench_on_device(
     carry_dir: Path,
     out: Path,
@@ -118,6 +135,8 @@ def bench_on_device(
     """Run the plan of ``carry_dir`` (module docstring); returns the summary also written to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     results_dir, work_dir = work_root / "results", work_root / "work"
+    earlier_calls = set_aside_earlier_results(results_dir)
+    results_dir.mkdir(parents=True)  # archived even when no fit ends: an archive of no rows imports as such
     cache_root = Path(os.environ.get("RECBENCH_CACHE_DIR") or work_root / "cache")
     os.environ["RECBENCH_CACHE_DIR"] = str(cache_root)
     manifest = materialise(carry_dir, cache_root)
@@ -147,6 +166,10 @@ def bench_on_device(
             except CarryError as error:
                 problem = str(error)
             stored = rows_by_key(stored_results / f"{data.name}.csv")
+            fitted_earlier: dict[tuple[str, ...], list[dict[str, str]]] = {}
+            for folder in earlier_calls:
+                for key, rows in rows_by_key(folder / f"{data.name}.csv").items():
+                    fitted_earlier.setdefault(key, []).extend(rows)
             for model in models:
                 config = model_config_for(model, profile)
                 for seed in seeds:
@@ -166,6 +189,12 @@ def bench_on_device(
                     if settled(previous) or key in existing_keys(results_dir, data.name):
                         record(dataset, config, seed, "skipped", reason="stored already")
                         continue
+                    if settled(fitted_earlier.get(key, [])):
+                        record(dataset, config, seed, "skipped", reason=(
+                            "fitted by an earlier call on this machine (its row came back with that call's "
+                            "files: import those)"))
+                        continue
+                    previous = previous + fitted_earlier.get(key, [])
                     limit = None if stopped else fit_limit_minutes(deadline - time.time(), reserve_seconds, min_fit_seconds)
                     if limit is None:
                         stopped = True
