@@ -108,7 +108,7 @@ def fit_limit_minutes(seconds_left: float, reserve_seconds: float, min_fit_secon
 
 def set_aside_earlier_results(results_dir: Path) -> list[Path]:
     """Move a results folder an earlier call on this (warm) machine left into ``<results_dir>.earlier/``;
-    returns every folder set aside there, oldest first. ``results_dir`` is then free for this call."""
+    returns every folder set aside there. ``results_dir`` is then free for this call."""
     earlier_root = results_dir.with_name(results_dir.name + ".earlier")
     if results_dir.exists():
         earlier_root.mkdir(parents=True, exist_ok=True)
@@ -116,9 +116,7 @@ def set_aside_earlier_results(results_dir: Path) -> list[Path]:
         results_dir.rename(earlier_root / f"call-{calls + 1}")
         _log(f"{results_dir} from an earlier call on this machine set aside as {earlier_root}/call-{calls + 1}: "
              "its rows came back with that call's files and are not archived again")
-    if not earlier_root.is_dir():
-        return []
-    return sorted(earlier_root.iterdir(), key=lambda folder: int(folder.name.rpartition("-")[2]))
+    return sorted(earlier_root.glob("call-*"))
 
 
 def bench_on_device(
