@@ -31,7 +31,11 @@ Robustness:
   into place, so a kill never leaves a torn checkpoint. Rerunning the same command after a crash
   resumes from ``last.ckpt``, i.e. from the last finished epoch; a ``last.ckpt`` that does not load
   is an error naming it (``--force`` starts over);
-- a run whose key is already in the results CSV is skipped unless ``force`` (which replaces the row).
+- a run whose key is already in the results CSV is skipped unless ``force`` (which replaces the row),
+  or unless every stored row of the key was ended by the safety net: the safety net is not part of a
+  run's identity (nor of its ``run_id``), so rerunning under a larger one resumes the cut fit from
+  ``last.ckpt`` and its row replaces the time-limited one (whose run folder stays, as the evidence of
+  the cut, the way ``make gpu-import`` keeps it).
 
 Model configs: ``<name>.yaml`` serves the smoke and quick profiles, ``<name>_paper.yaml`` the paper
 profile where it exists. Trainer options pass through (``--trainer.strategy ddp
@@ -331,11 +335,14 @@ class RunSpec:
     def run_id(self) -> str:
         """``<dataset>-<config>-<profile>-seed<seed>-<hash>``: names plus a short hash of what the
         names stand for (the data and model YAML texts, the profile, the data overrides), so two
-        different YAMLs with one name never share a run directory or resume each other's checkpoint."""
+        different YAMLs with one name never share a run directory or resume each other's checkpoint.
+        The profile's wall-clock safety net is left out: it decides whether a fit may finish, not
+        what it computes, so a fit it cut resumes under a larger one."""
+        profile = {name: value for name, value in asdict(self.profile).items() if name != "time_limit_minutes"}
         contents = {
             "data": Path(resolve_config("data", self.dataset)).read_text(),
             "model": Path(resolve_config("model", self.model_config)).read_text(),
-            "profile": asdict(self.profile),
+            "profile": profile,
             "data_overrides": self.data_overrides,
         }
         digest = _config_hash(contents)[:8]
@@ -480,6 +487,8 @@ def run_one(
     trainer = pl.Trainer(**options)  # type: ignore[arg-type]
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = last.exists() and not force
+    if force:  # starts over: no checkpoint of an earlier fit of this run is kept beside the new ones
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     memory = PeakMemory()
     memory.start()
     started = time.perf_counter()
@@ -580,9 +589,13 @@ def run_one(
     with tempfile.NamedTemporaryFile(dir=out, suffix=".parquet.tmp", delete=False) as handle:
         cases.write_parquet(handle.name)
     os.replace(handle.name, out / "cases.parquet")
-    for old in append_row(results_dir / f"{data.name}.csv", row, replace=force):
-        # A replaced row's per-case values and config describe a run that no longer has a row.
-        if old["run_id"] != run_id:
+    table = results_dir / f"{data.name}.csv"
+    cut_by_the_clock = rows_by_key(table).get(_row_key(row), [])
+    replace = force or (bool(cut_by_the_clock) and not settled(cut_by_the_clock))
+    for old in append_row(table, row, replace=replace):
+        # A replaced row's per-case values and config describe a run that no longer has a row; the
+        # folder of a row the safety net ended stays, as the record of that cut.
+        if old["run_id"] != run_id and old["stopped_by"] != "time limit":
             shutil.rmtree(results_dir / "runs" / old["run_id"], ignore_errors=True)
     return row
 
@@ -687,7 +700,7 @@ def bench(
     data = instantiate_data(dataset, **data_overrides)
     overrides_key = tuple(sorted((key, json.dumps(value, default=str)) for key, value in data_overrides.items()))
     # Decided once, before any run: under DDP every process re-executes this and must agree.
-    done = existing_keys(results_dir, data.name)
+    stored = rows_by_key(results_dir / f"{data.name}.csv")
     specs = [
         RunSpec(dataset, model_config_for(m, loaded_profile), s, loaded_profile, overrides_key)
         for m in model_names
@@ -702,11 +715,14 @@ def bench(
             {"dataset": data.name, "protocol": data.split, "config": spec.config, "seed": spec.seed,
              "profile": loaded_profile.name}
         )
-        if key in done and not force:
+        if settled(stored.get(key, [])) and not force:
             print(f"[{index}/{len(specs)}] skip {spec.config} seed {spec.seed}: already in "
                   f"{results_dir / (data.name + '.csv')}")
             continue
-        print(f"[{index}/{len(specs)}] {spec.run_id}", flush=True)
+        cut = "" if force or key not in stored else (
+            f" (its stored row was ended by the time limit after {max(float(r['train_seconds'] or 0) for r in stored[key]):.0f} s "
+            "of training: fitting on, from last.ckpt where it is kept, to replace that row)")
+        print(f"[{index}/{len(specs)}] {spec.run_id}{cut}", flush=True)
         run_started = time.perf_counter()
         row = run_one(spec, results_dir, work_dir, trainer_overrides, data_overrides, force)
         if row:

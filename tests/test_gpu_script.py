@@ -114,17 +114,26 @@ def test_the_script_runs_from_the_carried_caches_and_its_rows_import(gpu_round: 
     assert manifest["datasets"]["beauty"]["cache_dir"].startswith("beauty-")
 
     results = tmp_path / "results"
-    stored, rejected = import_rows(out, results, profile="smoke")
-    assert not rejected, [r.problems for r in rejected]
+    imported = import_rows(out, results, profile="smoke")
+    assert not imported.rejected and not imported.already_stored, [r.problems for r in imported.rejected]
     rows = read_rows(results / "beauty.csv")
     assert [row["config"] for row in rows] == ["popularity", "sasrec"]
     for row in rows:
         assert row["git_commit"] == summary["commit"] and row["profile"] == "smoke"
         assert {p.name for p in (results / "runs" / row["run_id"]).iterdir()} >= {"config.json", "metrics.json",
                                                                                  "cases.parquet"}
-    # Importing the same archive again stores nothing: every key is stored already.
-    again_stored, again_rejected = import_rows(out, results, profile="smoke")
-    assert not again_stored and all("stored already" in " ".join(r.problems) for r in again_rejected)
+    # Importing the same files again is safe: both rows are reported as stored already, none is
+    # stored twice or rejected; a row of a stored key that differs from the stored one is rejected.
+    before = (results / "beauty.csv").read_text()
+    again = import_rows(out, results, profile="smoke")
+    assert (len(again.stored), len(again.already_stored), len(again.rejected)) == (0, 2, 0)
+    assert (results / "beauty.csv").read_text() == before
+    changed = _damaged(out, tmp_path / "changed", lambda r: (_edit_row(r, 3, **{"ndcg@10": "0.5"}),
+                                                             _edit_metrics(r, 3, **{"ndcg@10": 0.5})))
+    mixed = import_rows(changed, results, profile="smoke")
+    assert (len(mixed.stored), len(mixed.already_stored), len(mixed.rejected)) == (0, 1, 1)
+    assert "is stored already in" in mixed.rejected[0].problems[0] and "settled" in mixed.rejected[0].problems[0]
+    assert (results / "beauty.csv").read_text() == before
 
     # Rerunning with those rows stored fits nothing (on another machine: the fixture's stays as the
     # first call left it, for the warm-machine test below).
@@ -152,8 +161,8 @@ def test_a_warm_machine_does_not_archive_an_earlier_calls_rows_again(gpu_round: 
         assert not [name for name in tar.getnames() if name.endswith(".csv")], tar.getnames()
 
     results = tmp_path / "results"
-    assert [len(rows) for rows in import_rows(gpu_round["out"], results, profile="smoke")] == [2, 0]
-    assert [len(rows) for rows in import_rows(tmp_path / "out2", results, profile="smoke")] == [0, 0]
+    first, second = import_rows(gpu_round["out"], results, profile="smoke"), import_rows(tmp_path / "out2", results, profile="smoke")
+    assert [len(first.stored), len(first.rejected), len(second.stored), len(second.rejected)] == [2, 0, 0, 0]
     assert [row["config"] for row in read_rows(results / "beauty.csv")] == ["popularity", "sasrec"]
 
 
@@ -211,12 +220,13 @@ def test_a_damaged_archive_is_rejected_with_a_located_reason(gpu_round: dict, tm
     printed = capsys.readouterr()
     assert "REJECTED results.tar.gz:results/beauty.csv:3 (run beauty-sasrec-smoke-seed1-" in printed.err
     assert reason in printed.err
-    assert "1 row(s) stored, 1 rejected" in printed.out  # the intact popularity row is stored
+    assert "1 row(s) stored, 0 stored already, 1 rejected" in printed.out  # the intact popularity row is stored
     assert [row["config"] for row in read_rows(results / "beauty.csv")] == ["popularity"]
 
 
 def test_a_wrong_profile_and_a_repeated_key_are_rejected(gpu_round: dict, tmp_path: Path) -> None:
-    stored, rejected = import_rows(gpu_round["out"], tmp_path / "results", profile="paper")
+    imported = import_rows(gpu_round["out"], tmp_path / "results", profile="paper")
+    stored, rejected = imported.stored, imported.rejected
     assert not stored and len(rejected) == 2
     assert all("profile is 'smoke', expected 'paper'" in " ".join(r.problems) for r in rejected)
 
@@ -226,7 +236,8 @@ def test_a_wrong_profile_and_a_repeated_key_are_rejected(gpu_round: dict, tmp_pa
             csv.DictWriter(handle, fieldnames=ROW_COLUMNS).writerow(rows[1])
 
     files = _damaged(gpu_round["out"], tmp_path, repeat)
-    stored, rejected = import_rows(files, tmp_path / "results2", profile="smoke")
+    imported = import_rows(files, tmp_path / "results2", profile="smoke")
+    stored, rejected = imported.stored, imported.rejected
     assert len(stored) == 2 and len(rejected) == 1
     assert rejected[0].location.startswith("results.tar.gz:results/beauty.csv:4")
     assert "its key repeats results.tar.gz:results/beauty.csv:3" in rejected[0].problems[0]
@@ -287,9 +298,10 @@ def test_a_row_the_call_clock_cut_is_fitted_again_and_superseded(gpu_round: dict
     _store_as_cut_by_the_clock(other, "sasrec")
     cut = _damaged(gpu_round["out"], tmp_path / "cut", lambda r: (_edit_row(r, 3, stopped_by="time limit"),
                                                                     _edit_metrics(r, 3, stopped_by="time limit")))
-    stored, rejected = import_rows(cut, other, profile="smoke")
-    assert not stored and len(rejected) == 2
-    assert "stored already" in rejected[1].problems[0] and "ended by the time limit" in rejected[1].problems[0]
+    imported = import_rows(cut, other, profile="smoke")
+    assert [item.row["config"] for item in imported.already_stored] == ["popularity"]
+    assert not imported.stored and len(imported.rejected) == 1
+    assert "stored already" in imported.rejected[0].problems[0] and "ended by the time limit" in imported.rejected[0].problems[0]
 
 
 def test_without_raw_files_or_a_carried_cache_the_error_says_what_to_do(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -212,7 +212,9 @@ def bench_on_device(
                     _log(f"{spec.run_id}: fit with a {limit:g}-minute safety net")
                     started = time.time()
                     try:
-                        row = run_one(spec, results_dir, work_dir, {"enable_progress_bar": False}, {})
+                        # force: a fresh fit whose safety net is this call's clock, although a warm
+                        # machine may keep the checkpoints of an earlier call's cut fit of this run.
+                        row = run_one(spec, results_dir, work_dir, {"enable_progress_bar": False}, {}, force=True)
                     except Exception as error:  # reported below; the next run still gets the lease
                         traceback.print_exc()
                         record(dataset, config, seed, "failed", reason=f"{type(error).__name__}: {error}",

@@ -21,7 +21,9 @@ every row of every ``results/<dataset>.csv`` in it is checked:
   ``metrics.json`` holds it, stays in ``runs/``). On a lent GPU the safety net is the call's clock:
   such a row is not a property of its key and must not keep a later call from finishing the fit.
 
-A row that fails is reported with its location (``archive:results/<csv>:<line> (run <id>)``) and
+A row identical to a stored one (same run id, every column equal, the same files in its run folder) is
+reported as stored already and neither stored again nor rejected, so importing the same files twice is
+safe. A row that fails is reported with its location (``archive:results/<csv>:<line> (run <id>)``) and
 every reason, and is not stored. A row that passes gets its run folder copied into
 ``<results-dir>/runs/`` first (to a temporary name, then renamed: a row never points to a missing
 folder) and is then appended through :func:`benchmark.run.append_row` (locked, atomic). The exit
@@ -72,6 +74,8 @@ class Checked:
     problems: list[str] = field(default_factory=list)
     #: run ids of the stored rows of this key that the time limit ended, which this row replaces
     supersedes: list[str] = field(default_factory=list)
+    #: the same row and run folder are in the results already (an import run twice)
+    already_stored: bool = False
 
     @property
     def label(self) -> str:
@@ -134,7 +138,9 @@ def check_rows(results: Path, archive: Path, profile: str, stored_dir: Path) -> 
                 item.problems += _check_row(row, table.stem, profile, results)
                 key = _row_key(row)
                 stored_rows = stored.get(key, [])
-                if stored_rows and (row["stopped_by"] == "time limit" or settled(stored_rows)):
+                if any(_same_run(row, results, stored_row, stored_dir) for stored_row in stored_rows):
+                    item.already_stored = True
+                elif stored_rows and (row["stopped_by"] == "time limit" or settled(stored_rows)):
                     how = "settled" if settled(stored_rows) else "ended by the time limit"
                     item.problems.append(f"a row for {dict(zip(KEY_COLUMNS, key, strict=True))} is stored already in "
                                          f"{stored_dir / table.name} ({how}; only a fit that did not end by the "
@@ -146,6 +152,15 @@ def check_rows(results: Path, archive: Path, profile: str, stored_dir: Path) -> 
                     item.supersedes = [r["run_id"] for r in stored_rows]
             checked.append(item)
     return checked
+
+
+def _same_run(row: dict[str, str], results: Path, stored_row: dict[str, str], stored_dir: Path) -> bool:
+    """``row`` and its run folder under ``results`` are byte for byte the stored row and its folder."""
+    if row != stored_row:
+        return False
+    archived, kept = results / "runs" / row["run_id"], stored_dir / "runs" / row["run_id"]
+    return all((archived / name).is_file() and (kept / name).is_file()
+               and (archived / name).read_bytes() == (kept / name).read_bytes() for name in RUN_FILES)
 
 
 def _check_row(row: dict[str, str], dataset: str, profile: str, results: Path) -> list[str]:
@@ -214,8 +229,17 @@ def store(item: Checked, results_dir: Path) -> None:
     append_row(results_dir / f"{item.row['dataset']}.csv", dict(item.row), replace=bool(item.supersedes))
 
 
-def import_rows(files: Path, results_dir: Path, profile: str = "paper") -> tuple[list[Checked], list[Checked]]:
-    """Check every row of the archive in ``files``; store those that pass. Returns (stored, rejected)."""
+@dataclass
+class Imported:
+    """What :func:`import_rows` did with each row of an archive."""
+
+    stored: list[Checked]
+    already_stored: list[Checked]
+    rejected: list[Checked]
+
+
+def import_rows(files: Path, results_dir: Path, profile: str = "paper") -> Imported:
+    """Check every row of the archive in ``files``; store those that pass and are not stored yet."""
     archive = find_archive(files)
     with tempfile.TemporaryDirectory(prefix="gpu-import-") as scratch:
         results = extract(archive, Path(scratch))
@@ -224,12 +248,13 @@ def import_rows(files: Path, results_dir: Path, profile: str = "paper") -> tuple
         referenced = {row["run_id"] for table in results_dir.glob("*.csv") for row in read_rows(table)}
         checked = check_rows(results, archive, profile, results_dir)
         for item in checked:
-            if not item.problems and item.row["run_id"] in referenced:
+            if not item.problems and not item.already_stored and item.row["run_id"] in referenced:
                 item.problems.append(f"{results_dir}/runs/{item.row['run_id']} belongs to a stored row already")
-        stored = [item for item in checked if not item.problems]
+        stored = [item for item in checked if not item.problems and not item.already_stored]
         for item in stored:
             store(item, results_dir)
-    return stored, [item for item in checked if item.problems]
+    return Imported(stored, [item for item in checked if item.already_stored and not item.problems],
+                    [item for item in checked if item.problems])
 
 
 def main(argv: Sequence[str]) -> int:
@@ -239,17 +264,21 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--profile", default="paper", help="the profile every row must have")
     args = parser.parse_args(list(argv))
     try:
-        stored, rejected = import_rows(args.files, args.results_dir, args.profile)
+        imported = import_rows(args.files, args.results_dir, args.profile)
     except ArchiveError as error:
         print(f"gpu-import: error: {error}", file=sys.stderr)
         return 1
+    stored, rejected = imported.stored, imported.rejected
+    for item in imported.already_stored:
+        print(f"gpu-import: {item.label} is stored already (the same row and run folder); nothing to do")
     for item in stored:
         replaced = (f", replacing the time-limited row of run {', '.join(item.supersedes)} (its folder stays in "
                     f"{args.results_dir}/runs/)" if item.supersedes else "")
         print(f"gpu-import: stored {item.label} into {args.results_dir}{replaced}")
     for item in rejected:
         print(f"gpu-import: REJECTED {item.location}: {'; '.join(item.problems)}", file=sys.stderr)
-    print(f"gpu-import: {len(stored)} row(s) stored, {len(rejected)} rejected")
+    print(f"gpu-import: {len(stored)} row(s) stored, {len(imported.already_stored)} stored already, "
+          f"{len(rejected)} rejected")
     return 1 if rejected else 0
 
 
