@@ -183,6 +183,34 @@ def test_time_limit_is_a_safety_net_its_rows_are_unconverged_and_never_averaged(
     assert "Not in the means" in markdown and "| sasrec | 1 | time limit |" in markdown
 
 
+def test_a_fit_the_safety_net_cut_resumes_under_a_larger_one_and_replaces_its_row(tmp_path: Path) -> None:
+    """The safety net is not part of a run's identity: rerun under a larger one, the cut fit goes on
+    from its last checkpoint (same run id) and its finished row replaces the time-limited one; a
+    finished row is then skipped as usual."""
+    fit = "name: limit\nmax_epochs: 4\npatience: 100\nval_subset: 50\n"
+    (tmp_path / "cut.yaml").write_text(fit + "time_limit_minutes: 0.002\n")
+    (tmp_path / "long.yaml").write_text(fit + "time_limit_minutes: 60\n")
+    table = tmp_path / "results" / "synthetic-x0.02.csv"
+
+    first = _bench(tmp_path, "--profile", "cut.yaml", "--models", "sasrec")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    (cut,) = read_rows(table)
+    assert cut["stopped_by"] == "time limit" and int(cut["epochs"]) < 4, cut
+
+    second = _bench(tmp_path, "--profile", "long.yaml", "--models", "sasrec")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "its stored row was ended by the time limit after" in second.stdout
+    (finished,) = read_rows(table)
+    assert finished["run_id"] == cut["run_id"] and finished["stopped_by"] == "epoch cap", finished
+    assert json.loads(finished["notes"])["resumed"] is True
+    assert int(finished["global_steps"]) > int(cut["global_steps"])
+    assert float(finished["train_seconds"]) >= float(cut["train_seconds"])  # the cut fit's time counts
+
+    third = _bench(tmp_path, "--profile", "long.yaml", "--models", "sasrec")
+    assert third.returncode == 0 and "skip sasrec seed 1: already in" in third.stdout, third.stdout[-2000:]
+    assert read_rows(table) == [finished]
+
+
 def test_a_model_that_trained_every_useful_batch_is_complete_even_when_the_clock_ran_out(tiny_data) -> None:
     # Popularity's one useful epoch: stopped by the clock after its first batch it is incomplete (a
     # time limit); run to the end, an expired clock does not make it unconverged.
