@@ -498,6 +498,9 @@ def run_one(
     fit_wall_seconds = time.perf_counter() - started
     train_seconds = timer.time_elapsed("train")
     stopped_by = stop_reason(timer, early_stopping, trainer, model, max_epochs, profile.max_steps)
+    # Read before the test: testing a checkpoint restores the callbacks' states saved in it, and the
+    # best checkpoint's epoch log ends at the best epoch.
+    val_history, epoch_seconds = list(epoch_log.val_history), list(epoch_log.epoch_seconds)
     # No best checkpoint exists when training never stepped an optimiser (counting baselines): the
     # in-memory model is then the trained model.
     best_path = checkpoint.best_model_path or None
@@ -507,7 +510,7 @@ def run_one(
     if not trainer.is_global_zero:
         return {}
 
-    best_epoch = max(epoch_log.val_history, key=lambda item: item[1])[0] if epoch_log.val_history else None
+    best_epoch = max(val_history, key=lambda item: item[1])[0] if val_history else None
     resolved = {
         "model": {"class_path": f"{type(model).__module__}.{type(model).__qualname__}", "init_args": dict(model.hparams)},
         "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", **data.describe()},
@@ -559,7 +562,7 @@ def run_one(
         "converged": stopped_by in CONVERGED_STOPS,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": (
-            round(sum(epoch_log.epoch_seconds) / len(epoch_log.epoch_seconds), 3) if epoch_log.epoch_seconds else None
+            round(sum(epoch_seconds) / len(epoch_seconds), 3) if epoch_seconds else None
         ),
         "test_users_per_second": round(float(test_metrics["test/users_per_second"]), 1),
         "peak_memory_mb": round(memory.peak_mb(), 1),

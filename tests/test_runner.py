@@ -211,6 +211,23 @@ def test_a_fit_the_safety_net_cut_resumes_under_a_larger_one_and_replaces_its_ro
     assert read_rows(table) == [finished]
 
 
+def test_seconds_per_epoch_counts_every_epoch_not_only_those_up_to_the_best(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Testing the best checkpoint restores the callbacks' states saved in it, whose epoch log ends at
+    the best epoch; the row's epoch figures are read before that. Each epoch is timed here as
+    100 s x (its index + 1), and patience 1 ends the fit at least one epoch after its best."""
+    from benchmark import run
+
+    monkeypatch.setattr(run._EpochLog, "on_train_epoch_end",
+                        lambda self, trainer, module: self.epoch_seconds.append(100.0 * (trainer.current_epoch + 1)))
+    profile = tmp_path / "impatient.yaml"
+    profile.write_text("name: impatient\nmax_epochs: 30\npatience: 1\nval_subset: 50\n")
+    (row,) = run.bench("synthetic_tiny", ["sasrec"], profile=str(profile), results_dir=tmp_path / "results",
+                       reference_dir=tmp_path / "results", work_dir=tmp_path / "work", threads=1,
+                       trainer_overrides={"enable_progress_bar": False})
+    assert row["stopped_by"] == "early stopping" and row["best_epoch"] < row["epochs"] - 1, row
+    assert row["seconds_per_epoch"] == 100.0 * (row["epochs"] + 1) / 2  # the mean over all epochs
+
+
 def test_a_model_that_trained_every_useful_batch_is_complete_even_when_the_clock_ran_out(tiny_data) -> None:
     # Popularity's one useful epoch: stopped by the clock after its first batch it is incomplete (a
     # time limit); run to the end, an expired clock does not make it unconverged.
