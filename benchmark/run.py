@@ -191,6 +191,8 @@ class Profile:
         compile: fit ``torch.compile(model, dynamic=True)`` (shapes vary with the length buckets);
             recorded in the row's notes. Off by default: it pays a compile per new shape, which a
             CPU fit of minutes does not win back.
+        models: the model configs ``bench`` fits when none are named, one per model family (each
+            mapped through ``model_variant``); None = every base config (no ``_`` in its name).
     """
 
     name: str
@@ -206,6 +208,7 @@ class Profile:
     time_limit_minutes: float | None = None
     batch_size: int | None = None
     compile: bool = False
+    models: list[str] | None = None
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -222,8 +225,10 @@ def model_config_for(model: str, profile: Profile) -> str:
     return model
 
 
-def default_models() -> list[str]:
-    """Every base model config (no ``_variant`` suffix)."""
+def default_models(profile: Profile | None = None) -> list[str]:
+    """The profile's ``models``, else every base model config (no ``_variant`` suffix)."""
+    if profile is not None and profile.models is not None:
+        return list(profile.models)
     return [name for name in config_names("model") if "_" not in name]
 
 
@@ -337,8 +342,10 @@ class RunSpec:
         names stand for (the data and model YAML texts, the profile, the data overrides), so two
         different YAMLs with one name never share a run directory or resume each other's checkpoint.
         The profile's wall-clock safety net is left out: it decides whether a fit may finish, not
-        what it computes, so a fit it cut resumes under a larger one."""
-        profile = {name: value for name, value in asdict(self.profile).items() if name != "time_limit_minutes"}
+        what it computes, so a fit it cut resumes under a larger one; so is its default model list."""
+        profile = {
+            name: value for name, value in asdict(self.profile).items() if name not in ("time_limit_minutes", "models")
+        }
         contents = {
             "data": Path(resolve_config("data", self.dataset)).read_text(),
             "model": Path(resolve_config("model", self.model_config)).read_text(),
@@ -514,7 +521,7 @@ def run_one(
     resolved = {
         "model": {"class_path": f"{type(model).__module__}.{type(model).__qualname__}", "init_args": dict(model.hparams)},
         "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", **data.describe()},
-        "profile": asdict(profile),
+        "profile": {name: value for name, value in asdict(profile).items() if name != "models"},  # not this fit's
         "trainer": {k: v for k, v in options.items() if k not in ("callbacks", "logger", "plugins")},
         "seed": spec.seed,
     }
@@ -660,6 +667,11 @@ def settled(rows: Sequence[dict[str, str]]) -> bool:
     return any(row["stopped_by"] != "time limit" for row in rows)
 
 
+def longest_training(rows: Sequence[dict[str, str]]) -> float:
+    """The longest training time (seconds) among stored rows of one key, e.g. where the time limit cut them."""
+    return max((float(row["train_seconds"] or 0) for row in rows), default=0.0)
+
+
 def bench(
     dataset: str = "synthetic",
     models: Sequence[str] | None = None,
@@ -678,7 +690,7 @@ def bench(
 
     Args:
         dataset: data short name or YAML.
-        models: model configs (default: every base model).
+        models: model configs (default: the profile's ``models``, else every base model).
         seeds: seeds to run.
         profile: smoke, quick, paper or a profile YAML.
         force: rerun and replace rows that exist.
@@ -697,7 +709,7 @@ def bench(
     data_overrides = dict(data_overrides or {})
     torch.set_num_threads(threads or available_cores())
     loaded_profile = load_profile(profile)
-    model_names = list(models) if models else default_models()
+    model_names = list(models) if models else default_models(loaded_profile)
     for name in model_names:  # every name checked before the first fit, not after an hour of them
         require_config("model", name)
     data = instantiate_data(dataset, **data_overrides)
@@ -723,7 +735,7 @@ def bench(
                   f"{results_dir / (data.name + '.csv')}")
             continue
         cut = "" if force or key not in stored else (
-            f" (its stored row was ended by the time limit after {max(float(r['train_seconds'] or 0) for r in stored[key]):.0f} s "
+            f" (its stored row was ended by the time limit after {longest_training(stored[key]):.0f} s "
             "of training: fitting on, from last.ckpt where it is kept, to replace that row)")
         print(f"[{index}/{len(specs)}] {spec.run_id}{cut}", flush=True)
         run_started = time.perf_counter()

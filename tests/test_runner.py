@@ -1,5 +1,6 @@
 """The benchmark runner: rows, atomic locked appends, kill-and-resume, paired statistics."""
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -226,6 +227,30 @@ def test_seconds_per_epoch_counts_every_epoch_not_only_those_up_to_the_best(tmp_
                        trainer_overrides={"enable_progress_bar": False})
     assert row["stopped_by"] == "early stopping" and row["best_epoch"] < row["epochs"] - 1, row
     assert row["seconds_per_epoch"] == 100.0 * (row["epochs"] + 1) / 2  # the mean over all epochs
+
+
+def test_bench_without_models_fits_the_profiles_model_list(tmp_path: Path) -> None:
+    from benchmark import run
+
+    profile = tmp_path / "picked.yaml"
+    profile.write_text("name: picked\nmax_epochs: 1\npatience: 1\nval_subset: 20\nmodels: [popularity]\n")
+    rows = run.bench("synthetic_tiny", None, profile=str(profile), results_dir=tmp_path / "results",
+                     reference_dir=tmp_path / "results", work_dir=tmp_path / "work", threads=1,
+                     trainer_overrides={"enable_progress_bar": False})
+    assert [row["config"] for row in rows] == ["popularity"]
+    # The list names what to fit, not how: it is in neither a run's id nor its resolved config.
+    picked = run.load_profile(str(profile))
+    unpicked = dataclasses.replace(picked, models=None)
+    assert run.RunSpec("synthetic_tiny", "popularity", 1, picked).run_id == rows[0]["run_id"]
+    assert run.RunSpec("synthetic_tiny", "popularity", 1, unpicked).run_id == rows[0]["run_id"]
+    config = json.loads((tmp_path / "results" / "runs" / rows[0]["run_id"] / "config.json").read_text())
+    assert "models" not in config["profile"]
+    # Without a list: every base config; the shipped profiles name one existing config per family.
+    assert run.default_models(run.load_profile("paper")) == run.default_models()
+    for name in ("quick", "smoke", "paper"):
+        models = run.default_models(run.load_profile(name))
+        assert sorted(model.split("_")[0] for model in models) == sorted(run.default_models()), models
+        assert all((run.CONFIG_DIR / "model" / f"{model}.yaml").exists() for model in models)
 
 
 def test_a_model_that_trained_every_useful_batch_is_complete_even_when_the_clock_ran_out(tiny_data) -> None:

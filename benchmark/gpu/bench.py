@@ -63,6 +63,7 @@ from benchmark.run import (
     device_name,
     existing_keys,
     load_profile,
+    longest_training,
     model_config_for,
     rows_by_key,
     run_one,
@@ -199,7 +200,7 @@ def bench_on_device(
                         record(dataset, config, seed, "not started", reason="deadline")
                         continue
                     if previous:  # all ended by the time limit: their longest training time
-                        cut_at = max(float(row["train_seconds"] or 0) for row in previous)
+                        cut_at = longest_training(previous)
                         if limit * 60 < REFIT_MARGIN * cut_at:
                             record(dataset, config, seed, "skipped", reason=(
                                 f"a time limit ended it after {cut_at:.0f} s of training in an earlier call and this "

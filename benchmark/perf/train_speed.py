@@ -255,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = [row for name in args.models for row in name.split(",") if row] if args.models else default_models()
+    if args.models:
+        models = [row for name in args.models for row in name.split(",") if row]
+    else:
+        models = default_models(load_profile(args.profile))
     results = []
     for name in models:
         print(f"[train_speed] {name} on {args.dataset} ({device.type})", flush=True)
