@@ -521,7 +521,8 @@ def run_one(
     resolved = {
         "model": {"class_path": f"{type(model).__module__}.{type(model).__qualname__}", "init_args": dict(model.hparams)},
         "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", **data.describe()},
-        "profile": {name: value for name, value in asdict(profile).items() if name != "models"},  # not this fit's
+        # The profile's default model list says which fits bench starts, nothing about this one.
+        "profile": {name: value for name, value in asdict(profile).items() if name != "models"},
         "trainer": {k: v for k, v in options.items() if k not in ("callbacks", "logger", "plugins")},
         "seed": spec.seed,
     }
