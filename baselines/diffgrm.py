@@ -54,7 +54,7 @@ from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock
 from recbench.schedules import WarmupSchedule, fit_steps, scheduler_config, sized_schedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
-from recbench.semantic_ids import ParallelPQConfig, SemanticIDs, ranked_codes_to_items
+from recbench.semantic_ids import ParallelPQConfig, ResidualKMeansConfig, SemanticIDs, ranked_codes_to_items
 from recbench.text import DEFAULT_ENCODER
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,11 @@ class DiffGRM(SemanticIDModel):
 
     Args:
         num_items, max_len: linked from the data.
-        n_digits: SID digits n: PQ sub-spaces, plus the collision digit when ``collision_digit``.
+        n_digits: SID digits n: PQ sub-spaces (or residual levels), plus the collision digit when
+            ``collision_digit``.
+        id_scheme: ``pq`` (PSE, the paper: parallel digits) or ``rq`` (an ablation: the TIGER-style
+            model's residual k-means IDs, ``n_digits`` minus the collision digit levels, so both
+            generative models decode the same IDs and differ only in how).
         codebook_size: codes per digit K (a power of two). When the training split has fewer
             items than K, ``setup`` falls back to the largest power of two <= the number of
             training items, with a warning recorded in ``run_notes`` (the token table keeps K rows
@@ -118,7 +122,8 @@ class DiffGRM(SemanticIDModel):
         collaborative_dim: width of collaborative embeddings.
         pca_dim, whiten, use_opq, sid_seed: PSE settings (:class:`ParallelPQConfig`); ``pca_dim``
             is clamped to the embedding width and to (training items - 1), rounded down to a
-            multiple of the PQ sub-spaces.
+            multiple of the PQ sub-spaces. ``rq`` uses ``sid_seed`` only (k-means on the raw
+            embeddings, as :class:`ResidualKMeansConfig`).
         collision_digit: append TIGER's collision digit to the PQ codes (an option of the spec,
             not the paper: there an ID may stand for several items), so every item has its own ID.
             The digit is masked in every training view and decoded last, by a beam step
@@ -159,6 +164,7 @@ class DiffGRM(SemanticIDModel):
         max_len: int = 50,
         n_digits: int = 4,
         codebook_size: int = 256,
+        id_scheme: Literal["pq", "rq"] = "pq",
         embedding_source: EmbeddingSource = "text",
         text_encoder: str = DEFAULT_ENCODER,
         collaborative_dim: int = 64,
@@ -222,9 +228,12 @@ class DiffGRM(SemanticIDModel):
             raise ValueError("merge_duplicate_beams needs (codebook_size + 1) ** n_digits < 2**62")
         if collision_digit and (masking == "random" or decode_order != "confidence"):
             raise ValueError("collision_digit needs nested views (guided or sequential masking) and decode_order='confidence'")
+        if id_scheme not in ("pq", "rq"):
+            raise ValueError(f"id_scheme must be 'pq' or 'rq', got {id_scheme!r}")
         if position_anchor not in ("oldest", "newest"):
             raise ValueError(f"position_anchor must be 'oldest' or 'newest', got {position_anchor!r}")
         self.position_anchor = position_anchor
+        self.id_scheme = id_scheme
         self.masking, self.confidence_metric, self.guided_select = masking, confidence_metric, guided_select
         self.random_mask_prob = random_mask_prob
         self.random_views = n_digits if random_views is None else random_views
@@ -276,7 +285,8 @@ class DiffGRM(SemanticIDModel):
             )
 
     def build_semantic_ids(self, data: SeqRecDataModule) -> tuple[SemanticIDs, dict[str, Any]]:
-        """Embeddings -> PSE codes fitted on training items (cached on disk), with their provenance."""
+        """Embeddings -> PSE (or residual k-means) codes fitted on training items (cached on disk),
+        with their provenance."""
         hp = self.hparams
         if data.num_items != self.num_items:
             raise ValueError(f"the data has {data.num_items} items, the model {self.num_items}")
@@ -284,6 +294,9 @@ class DiffGRM(SemanticIDModel):
             data, hp.embedding_source, hp.text_encoder, hp.collaborative_dim
         )
         sub_spaces = self.n_digits - int(self.collision_digit)
+        if self.id_scheme == "rq":
+            levels = ResidualKMeansConfig(sub_spaces, k, self.collision_digit, hp.sid_seed)
+            return semantic_ids_for(data, levels, embeddings, item_order=self.item_order), notes
         pca = min(self.hparams.pca_dim, embeddings.dim, n_train - 1)
         pca -= pca % sub_spaces  # PQ splits the PCA output into equal sub-spaces
         if pca != self.hparams.pca_dim:
@@ -500,6 +513,7 @@ class DiffGRM(SemanticIDModel):
             "sid_scheme": self.item_side_info.get("scheme"),
             "codebook_size": self.active_codebook_sizes[0] or None,
             "codebook_fallback": self.item_side_info.get("codebook_fallback"),
+            "id_scheme": self.id_scheme,
             "pca_dim": self.item_side_info.get("pca_dim"),
             "position_anchor": self.position_anchor,
             "masking": self.masking,

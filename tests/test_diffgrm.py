@@ -16,6 +16,7 @@ import torch
 from conftest import fit_and_test, quiet_trainer
 
 from baselines.diffgrm import DiffGRM
+from baselines.tiger import TIGER
 from benchmark.perf.diffgrm_step_ab import full_decoder_loss
 from benchmark.registry import instantiate_model
 from datamodules.synthetic import SyntheticDataModule
@@ -517,6 +518,23 @@ def test_collision_digit_is_masked_in_every_view_and_makes_every_item_its_own_id
         plain.set_semantic_ids(sids)
     with pytest.raises(ValueError, match="nested views"):
         _tiny_model(50, 3, 8, 10, collision_digit=True, masking="random")
+
+
+def test_rq_scheme_decodes_the_tiger_style_models_ids(small_data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RECBENCH_CACHE_DIR", str(tmp_path / "diffgrm"))  # two caches: two real fits
+    model = _tiny_model(small_data.num_items, 3, 16, small_data.max_len, id_scheme="rq", collision_digit=True)
+    sids, notes = model.build_semantic_ids(small_data)  # 2 residual levels + the collision digit
+    monkeypatch.setenv("RECBENCH_CACHE_DIR", str(tmp_path / "tiger"))
+    tiger = TIGER(small_data.num_items, small_data.max_len, levels=2, codebook_size=16, collision_digit=True)
+    tiger_sids, _ = tiger.build_semantic_ids(small_data)
+    assert sids.scheme == tiger_sids.scheme and sids.scheme.startswith("rq-kmeans")
+    assert torch.equal(sids.codes, tiger_sids.codes), "the same IDs as the TIGER-style model"
+    model.set_semantic_ids(sids, notes)
+    assert model.run_notes()["id_scheme"] == "rq"
+    ranked = model.eval().recommend(next(iter(small_data.test_dataloader()))[HISTORY][:8], 10, beam=20)
+    assert all(len({i for i in row if i}) == len([i for i in row if i]) for row in ranked.tolist())
+    with pytest.raises(ValueError, match="id_scheme"):
+        _tiny_model(50, id_scheme="opq")
 
 
 def test_beams_narrower_than_the_largest_k_are_refused() -> None:
