@@ -1,11 +1,12 @@
 """DiffGRM: masked discrete diffusion over parallel semantic-ID digits, after the paper (arXiv
 2510.21805) and its reference code (liuzhao09/DiffGRM, ``genrec/models/DIFF_GRM``).
 
-Items are ``n``-digit parallel semantic IDs (PSE: PCA + OPQ/PQ, ``recbench.semantic_ids``). A
-history encoder (one token per item, bidirectional, one pass per training pair) conditions a
-bidirectional decoder over the ``n`` digit positions through cross-attention; training masks the
-digits along the model's own confidence order (OCN), decoding fills them most-confident-first with a
-beam (CPD), and decoded IDs are mapped to items (metrics are item-level). Every block is the shared
+Items are ``n``-digit parallel semantic IDs (PSE: PCA + OPQ/PQ, ``recbench.semantic_ids``; as an
+ablation, ``id_scheme="rq"``, the TIGER-style model's residual k-means IDs). A history encoder (one
+token per item, bidirectional, one pass per training pair) conditions a bidirectional decoder over
+the ``n`` digit positions through cross-attention; training masks the digits along the model's own
+confidence order (OCN), decoding fills them most-confident-first with a beam (CPD), and decoded IDs
+are mapped to items (metrics are item-level). Every block is the shared
 :class:`recbench.nn.TransformerBlock`.
 
 The encoder stays bidirectional with one pass per (history, target) pair, as in the paper: a
