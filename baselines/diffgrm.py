@@ -296,8 +296,8 @@ class DiffGRM(SemanticIDModel):
         )
         sub_spaces = self.n_digits - int(self.collision_digit)
         if self.id_scheme == "rq":
-            levels = ResidualKMeansConfig(sub_spaces, k, self.collision_digit, hp.sid_seed)
-            return semantic_ids_for(data, levels, embeddings, item_order=self.item_order), notes
+            residual = ResidualKMeansConfig(sub_spaces, k, self.collision_digit, hp.sid_seed)
+            return semantic_ids_for(data, residual, embeddings, item_order=self.item_order), notes
         pca = min(self.hparams.pca_dim, embeddings.dim, n_train - 1)
         pca -= pca % sub_spaces  # PQ splits the PCA output into equal sub-spaces
         if pca != self.hparams.pca_dim:
