@@ -53,7 +53,7 @@ from recbench.diffusion import (
 from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock
-from recbench.schedules import WarmupSchedule, fit_steps, scheduler_config, sized_schedule
+from recbench.schedules import WarmupSchedule, fit_steps, schedule_end_epoch, scheduler_config, sized_schedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import ParallelPQConfig, ResidualKMeansConfig, SemanticIDs, ranked_codes_to_items
 from recbench.text import DEFAULT_ENCODER
@@ -152,7 +152,8 @@ class DiffGRM(SemanticIDModel):
         warmup_steps: linear warm-up length in optimiser steps.
         decay_steps: step at which the cosine reaches 0 (default: the trainer's total steps).
         decay_epochs: or the cosine reaches 0 after this many epochs' steps (dataset-independent;
-            :func:`recbench.schedules.fit_steps`); at most one of the two.
+            :func:`recbench.schedules.fit_steps`), where the fit is complete (trained to that epoch,
+            not cut by early stopping); at most one of the two.
         gradient_clip_val: gradient-norm clip (0 disables); a Trainer setting overrides it.
         ks: see :class:`~recbench.model.SeqRecModel`.
     """
@@ -244,6 +245,7 @@ class DiffGRM(SemanticIDModel):
         self.merge_duplicate_beams = merge_duplicate_beams
         self.beam_chunk_rows = beam_chunk_rows
         self.warmup_steps, self.decay_steps, self.decay_epochs = warmup_steps, decay_steps, decay_epochs
+        self.max_useful_epochs = schedule_end_epoch("cosine", decay_epochs)
         self.gradient_clip_val = gradient_clip_val
 
         # Network.

@@ -41,7 +41,7 @@ from recbench.data import SeqRecDataModule
 from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock, causal_padding_mask
-from recbench.schedules import ScheduleKind, fit_steps, scheduler_config, sized_schedule
+from recbench.schedules import ScheduleKind, fit_steps, schedule_end_epoch, scheduler_config, sized_schedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import PAD_CODE, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
@@ -278,7 +278,8 @@ class TIGER(SemanticIDModel):
         weight_decay: decoupled weight decay.
         lr_schedule: ``"constant"``, ``"inverse_sqrt"`` or ``"cosine"`` (per optimiser step).
         warmup_steps: linear warm-up (constant, cosine) or constant phase (inverse_sqrt) in steps.
-        decay_epochs: cosine reaches 0 after this many epochs' steps; None: at the profile's cap.
+        decay_epochs: cosine reaches 0 after this many epochs' steps, where the fit is complete
+            (trained to that epoch, not cut by early stopping); None: at the profile's cap.
         ks: see :class:`~recbench.model.SeqRecModel`.
     """
 
@@ -351,6 +352,7 @@ class TIGER(SemanticIDModel):
         if decay_epochs is not None and (decay_epochs < 1 or lr_schedule != "cosine"):
             raise ValueError(f"decay_epochs (got {decay_epochs}) needs lr_schedule='cosine' and a value >= 1")
         self.decay_epochs = decay_epochs
+        self.max_useful_epochs = schedule_end_epoch(lr_schedule, decay_epochs)
         self.network = _TigerNetwork(
             self.n_digits, codebook_size, self.history_items, architecture, encoder_input, hidden_size,
             encoder_layers, decoder_layers, num_heads, head_dim, ffn_size, dropout, output_head,

@@ -14,7 +14,9 @@ Device, precision, threads and seconds are columns, not identity. A profile may 
 safety net (``time_limit_minutes``); a fit it ends is stored with ``stopped_by = "time limit"`` and
 ``converged = false`` and never enters a leaderboard mean. ``converged`` is true when patience ran
 out (``early stopping``) or the model cannot change any more (``complete``: counting baselines after
-their one epoch); a fit ended by the epoch or step cap was still improving and is not converged.
+their one epoch, or a fit whose learning rate has decayed to 0 at its config's ``decay_epochs``, which
+trains to that epoch without early stopping); a fit ended by the epoch or step cap was still
+improving and is not converged.
 
 Where rows go: a user's bench writes to a local, git-ignored directory
 (``$RECBENCH_RESULTS_DIR``, default :data:`LOCAL_RESULTS_DIR`) and ends by printing its rows beside
@@ -464,9 +466,10 @@ def run_one(
     max_epochs = profile.max_epochs
     if model.max_useful_epochs is not None:
         max_epochs = min(max_epochs, model.max_useful_epochs)
-    early_stopping = EarlyStoppingAfter(
-        min(profile.min_epochs, max_epochs), SELECTION_METRIC, mode="max", patience=profile.patience
-    )
+    # A model that cannot change after max_useful_epochs (a count, or a rate annealed to 0) trains to
+    # that epoch: an early stop inside its schedule would be decided by validation noise.
+    never_before = max_epochs if model.max_useful_epochs is not None else min(profile.min_epochs, max_epochs)
+    early_stopping = EarlyStoppingAfter(never_before, SELECTION_METRIC, mode="max", patience=profile.patience)
     epoch_log = _EpochLog()
     # The Timer's elapsed training time is saved in checkpoints, so a resumed run reports (and is
     # limited by) its whole training time, not only the part after the restart.

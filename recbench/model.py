@@ -74,8 +74,11 @@ class SeqRecModel(pl.LightningModule):
 
     #: Which training view the model consumes: whole sequences or (history, target) pairs.
     training_view: ClassVar[Literal["sequence", "pairs"]] = "pairs"
-    #: Epochs after which training cannot change the model (e.g. 1 for counting baselines).
-    max_useful_epochs: ClassVar[int | None] = None
+    #: Epochs after which training cannot change the model (e.g. 1 for counting baselines, or the end
+    #: of a learning-rate schedule that decays to 0: :func:`~recbench.schedules.schedule_end_epoch`);
+    #: a class default that a model may set per instance. The runner trains such a fit to this epoch
+    #: without early stopping and stores it as ``complete``.
+    max_useful_epochs: int | None = None
 
     def __init__(
         self,

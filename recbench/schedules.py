@@ -55,6 +55,17 @@ class WarmupSchedule:
         return 1.0
 
 
+def schedule_end_epoch(kind: ScheduleKind, decay_epochs: int | None) -> int | None:
+    """Epochs after which the learning rate stays 0: a ``cosine`` decaying over its first
+    ``decay_epochs`` epochs (:func:`fit_steps`). Every later step is a no-op (AdamW's step and its
+    decoupled weight decay both scale with the rate), so the model cannot change any more and the
+    fit is complete there, wherever validation noise would have put an early stop. None for other
+    schedules (a cosine sized for the cap ends with the cap)."""
+    if decay_epochs is not None and decay_epochs < 1:
+        raise ValueError(f"decay_epochs must be >= 1 or None, got {decay_epochs}")
+    return decay_epochs if kind == "cosine" else None
+
+
 def sized_schedule(kind: ScheduleKind, warmup_steps: int, allowed_steps: float) -> WarmupSchedule:
     """The schedule for a fit allowed ``allowed_steps`` optimiser steps (its cap; ``inf`` = uncapped).
 

@@ -162,6 +162,24 @@ def test_paired_test_against_hand_computation() -> None:
     assert strong.t_pvalue < 1e-10 and strong.bootstrap_pvalue == 0.0
 
 
+def test_a_fit_whose_rate_anneals_to_zero_trains_to_the_end_of_its_schedule(tmp_path: Path) -> None:
+    """Early stopping never cuts a schedule that decays to 0 at ``decay_epochs``: validation is flat
+    here (lr 0), so patience 1 would stop after two epochs; the fit trains its four and is complete
+    (after the fourth the model cannot change), not stopped by the profile's cap of six."""
+    model = tmp_path / "tiger_annealed.yaml"
+    model.write_text(
+        "class_path: baselines.tiger.TIGER\ninit_args:\n  hidden_size: 16\n  num_heads: 2\n  ffn_size: 32\n"
+        "  encoder_layers: 1\n  decoder_layers: 1\n  codebook_size: 16\n  embedding_source: collaborative\n"
+        "  lr: 0.0\n  lr_schedule: cosine\n  warmup_steps: 1\n  decay_epochs: 4\n"
+    )
+    profile = tmp_path / "impatient.yaml"
+    profile.write_text("name: impatient\nmax_epochs: 6\npatience: 1\nmin_epochs: 0\nlimit_train_batches: 2\nval_subset: 50\n")
+    result = _bench(tmp_path, "--profile", str(profile), "--models", str(model))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (row,) = read_rows(tmp_path / "results" / "synthetic-x0.02.csv")
+    assert (row["epochs"], row["stopped_by"], row["converged"]) == ("4", "complete", "True")
+
+
 def test_time_limit_is_a_safety_net_its_rows_are_unconverged_and_never_averaged(tmp_path: Path) -> None:
     # 0.3 s of time limit against 200 epochs and patience 200: only the safety net can end this fit.
     profile = tmp_path / "limit.yaml"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recbench.schedules import WarmupSchedule, scheduler_config, sized_schedule
+from recbench.schedules import WarmupSchedule, schedule_end_epoch, scheduler_config, sized_schedule
 
 
 def test_warmup_then_cosine_reaches_zero_at_the_allowed_steps() -> None:
@@ -102,3 +102,19 @@ def test_a_cosine_decays_over_its_decay_epochs(tiny_data, build) -> None:  # typ
     assert max(by_epoch[0]) == pytest.approx(1e-2)
     assert 0 < by_epoch[1][-1] < 1e-3  # the last step of epoch 2 is one step short of the floor
     assert by_epoch[2] == [0.0] * len(by_epoch[2])  # past decay_epochs: at the floor, not at the cap
+
+
+def test_a_rate_annealed_to_zero_ends_the_useful_epochs_of_both_generative_models() -> None:
+    from baselines.tiger import TIGER
+    from recbench.model import SeqRecModel
+
+    assert schedule_end_epoch("cosine", 30) == 30
+    assert schedule_end_epoch("cosine", None) is None  # sized for the cap: the cap ends it
+    assert schedule_end_epoch("constant", None) is None and schedule_end_epoch("inverse_sqrt", None) is None
+    with pytest.raises(ValueError, match="decay_epochs"):
+        schedule_end_epoch("cosine", 0)
+    assert _tiger_decaying_over_two_epochs(20).max_useful_epochs == 2
+    assert _diffgrm_decaying_over_two_epochs(20).max_useful_epochs == 2
+    assert TIGER(num_items=20, hidden_size=16, num_heads=2, ffn_size=32).max_useful_epochs is None
+    assert SeqRecModel.max_useful_epochs is None  # per instance: the class default is untouched
+
