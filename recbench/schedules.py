@@ -55,14 +55,18 @@ class WarmupSchedule:
         return 1.0
 
 
+def _check_decay_epochs(decay_epochs: int | None) -> None:
+    if decay_epochs is not None and decay_epochs < 1:
+        raise ValueError(f"decay_epochs must be >= 1 or None, got {decay_epochs}")
+
+
 def schedule_end_epoch(kind: ScheduleKind, decay_epochs: int | None) -> int | None:
     """Epochs after which the learning rate stays 0: a ``cosine`` decaying over its first
     ``decay_epochs`` epochs (:func:`fit_steps`). Every later step is a no-op (AdamW's step and its
     decoupled weight decay both scale with the rate), so the model cannot change any more and the
     fit is complete there, wherever validation noise would have put an early stop. None for other
     schedules (a cosine sized for the cap ends with the cap)."""
-    if decay_epochs is not None and decay_epochs < 1:
-        raise ValueError(f"decay_epochs must be >= 1 or None, got {decay_epochs}")
+    _check_decay_epochs(decay_epochs)
     return decay_epochs if kind == "cosine" else None
 
 
@@ -86,10 +90,9 @@ def fit_steps(trainer: pl.Trainer, decay_epochs: int | None = None) -> float:
     or the steps of its first ``decay_epochs`` epochs when that comes sooner (a cosine that reaches
     its floor near where early stopping ends a fit, instead of at an epoch cap it never meets)."""
     cap = float(trainer.estimated_stepping_batches)  # loads the training batches, so their count is known
+    _check_decay_epochs(decay_epochs)
     if decay_epochs is None:
         return cap
-    if decay_epochs < 1:
-        raise ValueError(f"decay_epochs must be >= 1 or None, got {decay_epochs}")
     per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
     return min(cap, float(decay_epochs * per_epoch))
 
