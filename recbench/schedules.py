@@ -89,8 +89,8 @@ def fit_steps(trainer: pl.Trainer, decay_epochs: int | None = None) -> float:
     """The optimiser steps a schedule is sized for: the fit's cap (``estimated_stepping_batches``),
     or the steps of its first ``decay_epochs`` epochs when that comes sooner (a cosine that reaches
     its floor near where early stopping ends a fit, instead of at an epoch cap it never meets)."""
-    cap = float(trainer.estimated_stepping_batches)  # loads the training batches, so their count is known
     _check_decay_epochs(decay_epochs)
+    cap = float(trainer.estimated_stepping_batches)  # loads the training batches, so their count is known
     if decay_epochs is None:
         return cap
     per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
