@@ -220,8 +220,8 @@ class DiffGRM(SemanticIDModel):
             raise ValueError(f"val_beam and test_beam must be >= the largest K {max(self.ks)}, got {val_beam}, {test_beam}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-        if decay_epochs is not None and (decay_epochs < 1 or decay_steps is not None):
-            raise ValueError(f"decay_epochs (got {decay_epochs}) must be >= 1 and excludes decay_steps (got {decay_steps})")
+        if decay_epochs is not None and decay_steps is not None:
+            raise ValueError(f"decay_epochs (got {decay_epochs}) excludes decay_steps (got {decay_steps})")
         if masking not in ("guided", "sequential", "random"):
             raise ValueError(f"masking must be guided, sequential or random, got {masking!r}")
         if decode_order == "fixed" and fixed_digit_order is not None and sorted(fixed_digit_order) != list(range(n_digits)):

@@ -349,8 +349,8 @@ class TIGER(SemanticIDModel):
         self.levels = levels
         self.sid_seed, self.kmeans_iters = sid_seed, kmeans_iters
         self.optimizer_name, self.lr_schedule, self.warmup_steps = optimizer, lr_schedule, warmup_steps
-        if decay_epochs is not None and (decay_epochs < 1 or lr_schedule != "cosine"):
-            raise ValueError(f"decay_epochs (got {decay_epochs}) needs lr_schedule='cosine' and a value >= 1")
+        if decay_epochs is not None and lr_schedule != "cosine":
+            raise ValueError(f"decay_epochs (got {decay_epochs}) needs lr_schedule='cosine', got {lr_schedule!r}")
         self.decay_epochs = decay_epochs
         self.max_useful_epochs = schedule_end_epoch(lr_schedule, decay_epochs)
         self.network = _TigerNetwork(
