@@ -26,7 +26,7 @@ RESULTS_DIR ?= runs/results
 WORK_DIR ?= runs/bench
 export RECBENCH_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install test test-data test-full bench leaderboard lint gpu-prepare gpu-bench gpu-import
+.PHONY: install test test-slow test-data test-full bench leaderboard lint gpu-prepare gpu-bench gpu-import
 
 install:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -36,6 +36,9 @@ install:
 
 test:
 	$(PY) -m pytest -q -n auto --dist worksteal
+
+test-slow:
+	$(PY) -m pytest -q -n auto --dist worksteal -m "slow and not gpu and not data"
 
 test-data:
 	$(PY) -m pytest -q -m data

@@ -259,6 +259,7 @@ def _store_as_cut_by_the_clock(results: Path, config: str, train_seconds: str | 
     return old_run
 
 
+@pytest.mark.slow
 def test_a_row_the_call_clock_cut_is_fitted_again_and_superseded(gpu_round: dict, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """A stored row the time limit ended does not block its key: the bench fits it again and a row
     that ends otherwise (here the smoke profile's epoch cap) replaces it on import, its run folder
@@ -382,5 +383,7 @@ def test_a_semantic_id_model_runs_from_carried_embeddings_and_ids(tmp_path: Path
     # The item side came from the carry: nothing was encoded or fitted there.
     cache = tmp_path / "work" / "cache" / "item_side"
     assert sorted(p.name for p in cache.glob("*/*.pt")) == sorted(Path(k).name for k in manifest["packed"])
-    stored_rows, rejected = import_rows(tmp_path / "out", tmp_path / "results", profile="smoke")
-    assert len(stored_rows) == 1 and not rejected
+    imported = import_rows(tmp_path / "out", tmp_path / "results", profile="smoke")
+    assert len(imported.stored) == 1 and not imported.rejected, [r.problems for r in imported.rejected]
+    (row,) = read_rows(tmp_path / "results" / "beauty.csv")
+    assert row["config"] == "tiger" and row["profile"] == "smoke"

@@ -90,6 +90,7 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_leaves_no_row_and_the_rerun_resumes(tmp_path: Path) -> None:
     profile = tmp_path / "long.yaml"
     profile.write_text("name: long\nmax_epochs: 6\npatience: 10\nlimit_train_batches: 2\nval_subset: 50\n")
@@ -112,6 +113,7 @@ def test_kill_9_mid_run_leaves_no_row_and_the_rerun_resumes(tmp_path: Path) -> N
     assert len({tuple(r[k] for k in KEY_COLUMNS) for r in rows}) == 1
 
 
+@pytest.mark.slow
 def test_last_checkpoint_follows_every_epoch_and_a_resume_keeps_the_history(tmp_path: Path) -> None:
     # lr 0: validation is the same after every epoch, so no epoch after the first improves it -- the
     # case in which Lightning's save_last left last.ckpt at the first epoch.
@@ -202,6 +204,7 @@ def test_time_limit_is_a_safety_net_its_rows_are_unconverged_and_never_averaged(
     assert "Not in the means" in markdown and "| sasrec | 1 | time limit |" in markdown
 
 
+@pytest.mark.slow
 def test_a_fit_the_safety_net_cut_resumes_under_a_larger_one_and_replaces_its_row(tmp_path: Path) -> None:
     """The safety net is not part of a run's identity: rerun under a larger one, the cut fit goes on
     from its last checkpoint (same run id) and its finished row replaces the time-limited one; a
@@ -303,6 +306,7 @@ def test_a_model_that_trained_every_useful_batch_is_complete_even_when_the_clock
     assert stop_reason(ExpiredClock(), stopper, trainer, model, 1, None) == "complete"
 
 
+@pytest.mark.slow
 def test_quick_semantics_end_by_patience_or_the_epoch_cap(tmp_path: Path) -> None:
     # No clock in the profile: patience 1 on a 30-epoch cap ends by early stopping (validation on 50
     # users saturates within a few epochs); a 2-epoch cap with patience 10 ends by the cap.

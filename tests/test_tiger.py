@@ -304,7 +304,8 @@ def small_data() -> SyntheticDataModule:
     return data
 
 
-@pytest.mark.parametrize("architecture", ["encoder_decoder", "causal"])
+# The causal variant is not a default config: its learning check runs with the slow tests.
+@pytest.mark.parametrize("architecture", ["encoder_decoder", pytest.param("causal", marks=pytest.mark.slow)])
 def test_short_fit_beats_popularity(small_data: SyntheticDataModule, architecture: str) -> None:
     pl.seed_everything(0)
     popularity = fit_and_test(
