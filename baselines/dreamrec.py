@@ -17,18 +17,9 @@ The system, with ``d`` the width, ``E`` the item table ``(N + 1, d)`` and ``∅`
 
    ``training_view="sequence"`` (default): T-enc is causal, so ONE encoder pass over a user's
    training window gives ``h`` for every target position at once (as SASRec trains); the reference
-   and ``training_view="pairs"`` run one pass per (history, target) pair. Per target the two are the
-   same computation: the same history (the window's items before the target; positions counted from
-   its oldest item), one CFG-dropout uniform, one ``t`` and one ``eps``, drawn in the same order
-   (targets in row-major order), so with encoder dropout off a batch of windows gives exactly the
-   mean of the pair losses of its targets (tests/test_dreamrec.py checks it to 1e-5). Differences,
-   both "within noise": (a) encoder dropout masks are drawn once per window, so targets of one user
-   share them, where pairs draw them per target; (b) a user whose training prefix exceeds
-   ``max_len + 1`` items is cut into consecutive windows (recbench/data.py), so the first targets
-   of a later window see fewer than ``max_len`` items (pairs: always the last ``max_len``); on
-   Beauty (L = 50) that touches at most 3,382 of 131,413 targets (2.6%), of 127 users. The
-   data's ``batch_size`` then counts windows, not targets (Beauty: 5.9 targets per user), so an
-   epoch has fewer, larger steps. The choice is recorded in :meth:`DreamRec.run_notes`.
+   and ``training_view="pairs"`` run one pass per (history, target) pair. Per target it is the same
+   computation (tests/test_dreamrec.py checks the loss to 1e-5); the two differences, both within
+   noise, are in ``docs/models/dreamrec.md``. The choice is recorded in :meth:`DreamRec.run_notes`.
 4. **Sampling**: DDPM ancestral sampling over all ``T`` steps with the guided prediction
    ``x̂0 = (1 + w) f(x_i, h, i) - w f(x_i, ∅, i)``; ``h`` without CFG dropout, modules in eval mode.
 5. **Retrieval**: the generated ``x0`` scores items by ``x0 · E[j]`` through
@@ -42,24 +33,20 @@ is selected on validation NDCG@10 (the reference prints test every 10 epochs and
 the shared trainer config). **Changes results, hence options** (both
 recorded in the hyper-parameters of every result row):
 
-- ``stop_target_gradient`` (default True; the reference: False). With the target
-  ``x0 = E[y]`` trainable, the MSE is lowered by shrinking the targets themselves: measured on
-  YooChoose (rc15 subset, T = 500, lr 1e-3, H100), the mean norm of validation targets fell from 8.1
-  to 2.3 in 12 epochs while rarely trained items kept norm about 8, so the dot-product search
-  returned those and validation NDCG@10 fell from 0.049 (epoch 1) to 0.000; on the Beauty-sized
-  synthetic set (lr 5e-3) it never rose above 0.0002. With ``x0 = sg(E[y])`` the table only learns
-  through the encoder, target norms stay at about 8, and NDCG@10 rose steadily (YooChoose 0.074 ->
-  0.217, synthetic 0.053 -> 0.381 over the same epochs).
-- ``item_scope``. Items that never occur in training keep their ``N(0, 1)`` initial norm
-  (about ``sqrt(d) = 8``) while trained items move, so a dot-product search over all items returns
-  untrained items. ``"trained"`` (default) retrieves among training items; ``"all"``: the reference.
-- ``target_norm``. Detached targets stay near their random initial vectors (only the encoder input
-  moves them), so the target space carries little item similarity; with ``target_norm`` the targets
-  (and retrieval keys) are the rows rescaled to a fixed norm, so trainable targets cannot shrink.
+- ``stop_target_gradient`` (default True; the reference: False). With the target ``x0 = E[y]``
+  trainable, the MSE is lowered by shrinking the targets themselves, and the search then returns the
+  rarely trained items that kept their norm (YooChoose validation NDCG@10 0.049 -> 0.000 in 12
+  epochs; measurements in ``docs/models/dreamrec.md``). With ``x0 = sg(E[y])`` the table learns only
+  through the encoder input, so the target space stays near its random start.
+- ``item_scope``: ``"trained"`` (default) retrieves among training items; ``"all"`` (the reference)
+  lets never-trained items, which keep their ``N(0, 1)`` norm, dominate the dot-product search.
+- ``target_norm``: targets and retrieval keys rescaled to a fixed norm (trainable targets cannot shrink).
+- ``ranking_weight`` ``lambda`` (default 0, the paper): adds ``lambda`` times a softmax cross-entropy of
+  the retrieval scores ``x̂0 · E[j]`` of the predicted ``x̂0`` (:meth:`DreamRec.ranking_loss`), so the
+  detached target space learns which items follow which histories without the reference's collapse.
 - ``popularity_prior`` ``b`` (default 0, the paper): retrieval scores ``x0 · E[j] + b log(1 + n_j)``
-  with ``n_j`` item ``j``'s training count. The random target space has no popularity direction
-  (item-row norm vs count, Spearman 0.12 on Steam), so without it DreamRec almost never recommends
-  head items and loses to popularity where test targets crowd there (Steam; ``recbench bands``).
+  (``n_j`` the training count): the random target space has no popularity direction, so without it
+  DreamRec almost never recommends head items (Steam; ``recbench bands``).
 
 Sampling speed-ups (exact ones and the approximate DDIM) and the evaluation noise, keyed by history
 so that ``recommend`` is a deterministic function of it: ``docs/models/dreamrec.md``.
@@ -115,11 +102,9 @@ class FaithfulTEnc(nn.Module):
 
     For embedded items ``X0 = E[S]`` ``(B, L, d)`` and the real-item mask ``m`` ``(B, L)``:
 
-    1. ``X = Dropout(X0 + P[pos]) * m``: learned positions counted from the oldest real item;
-       padding rows zero.
-    2. ``Q = LN1(X)``. One attention head, query from ``Q``, keys and values from the
-       *un-normalised* ``X`` (linear maps with bias):
-       ``S = (Q W_q)(X W_k)^T / sqrt(d)``; keys whose row of ``X`` sums to 0 (padding) and future keys
+    1. ``X = Dropout(X0 + P[pos]) * m``: positions counted from the oldest real item; padding rows 0.
+    2. ``Q = LN1(X)``. One head, query from ``Q``, keys and values from the *un-normalised* ``X``
+       (linear maps with bias): ``S = (Q W_q)(X W_k)^T / sqrt(d)``; keys whose row of ``X`` sums to 0 (padding) and future keys
        get ``-2^32 + 1``; ``softmax``; then *query masking*: rows whose ``Q`` sums to 0 are zeroed
        (``LN1`` of a padding row is ``LN1``'s bias, so this masks padding queries only while that bias
        sums to 0: a faithful quirk; padding rows are discarded anyway); attention dropout;
@@ -127,9 +112,8 @@ class FaithfulTEnc(nn.Module):
     3. ``R = LN2(A)``; ``F = LN_ffn(Dropout(W_2 ReLU(W_1 R)) + R)`` with ``W_1, W_2`` of size d x d.
     4. ``H = LN3(F * m)``; the caller pools ``H[:, L - 1]``.
 
-    There is one layer, so the pooled row depends on the other rows only through the keys and values:
-    ``last_only=True`` (the default) computes the attention, FFN and norms for the last query row
-    alone (exact; the test compares it with the full computation).
+    One layer, so the pooled row sees the others only as keys and values: ``last_only=True`` (default)
+    computes the last query row alone (exact; the test compares it with the full computation).
 
     Args:
         hidden_size: d.
@@ -230,6 +214,8 @@ class DreamRec(SeqRecModel):
         retrieval_backend: :class:`~recbench.retrieval.ItemIndex` backend (``auto``: faiss when
             installed).
         popularity_prior: weight of ``log(1 + training count)`` added to retrieval scores (0: off).
+        ranking_weight: lambda of the ranking term added to the MSE (0: off, the reference), see
+            :meth:`ranking_loss`.
         training_view: ``sequence`` (one encoder pass per user window, every target at once;
             default) or ``pairs`` (one pass per target, the reference), see the module docstring.
         lr, weight_decay, ks: see :class:`~recbench.model.SeqRecModel`. The
@@ -259,6 +245,7 @@ class DreamRec(SeqRecModel):
         item_scope: ItemScope = "trained",
         retrieval_backend: Backend = "auto",
         popularity_prior: float = 0.0,
+        ranking_weight: float = 0.0,
         training_view: TrainingView = "sequence",
         lr: float = 5e-3,
         weight_decay: float = 0.0,
@@ -283,6 +270,9 @@ class DreamRec(SeqRecModel):
         if popularity_prior < 0:
             raise ValueError(f"popularity_prior must be >= 0, got {popularity_prior}")
         self.popularity_prior = popularity_prior
+        if ranking_weight < 0:
+            raise ValueError(f"ranking_weight must be >= 0, got {ranking_weight}")
+        self.ranking_weight = ranking_weight
         if training_view not in ("sequence", "pairs"):
             raise ValueError(f"training_view must be sequence or pairs, got {training_view!r}")
         self.training_view = training_view  # type: ignore[misc]  # per instance: the datamodule asks it
@@ -366,11 +356,30 @@ class DreamRec(SeqRecModel):
         if self.stop_target_gradient:  # the reference lets the loss shrink its own targets
             x0 = x0.detach()
         h = self.cfg_dropout(h)  # one uniform per target, then t and eps per target
+        predictions: list[Tensor] = []  # x̂0 (M, d), for the ranking term
 
         def denoiser(x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
-            return self.denoise(x_t, cond, self.time_embedding(t))
+            predictions.append(self.denoise(x_t, cond, self.time_embedding(t)))
+            return predictions[-1]
 
-        return self.diffusion.training_loss(denoiser, x0, h, weight=weight)
+        loss = self.diffusion.training_loss(denoiser, x0, h, weight=weight)
+        if self.ranking_weight > 0:
+            loss = loss + self.ranking_weight * self.ranking_loss(predictions[0], target, weight)
+        return loss
+
+    def ranking_loss(self, x0_hat: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Softmax cross-entropy of the retrieval scores ``x̂0 · K_j`` ``(M, d)`` over the retrievable
+        items (``K`` = :meth:`target_vectors` of the table, with gradient), averaged over targets
+        (``weight`` as in the MSE); DiffuRec trains on such a cross-entropy alone. Not in DreamRec."""
+        keys = self.target_vectors(self.item_embedding.weight)  # (N + 1, d)
+        # (N + 1,): a mask, not retrievable_items(), which reads the host (a sync per step on GPU)
+        blocked = ~self.train_items if self.item_scope == "trained" else torch.zeros_like(self.train_items)
+        blocked[PAD_ID] = True
+        # Finite fill: a padded grid row (weight 0, GPU path) may target PAD; its loss is then
+        # finite and weighted 0 instead of inf * 0.
+        scores = (x0_hat @ keys.T).float().masked_fill(blocked, -1e9)  # (M, N + 1)
+        ce = F.cross_entropy(scores, target, reduction="none")  # (M,)
+        return ce.mean() if weight is None else (ce * weight).sum() / weight.sum().clamp(min=1)
 
     def target_vectors(self, rows: Tensor) -> Tensor:
         """Diffusion targets and retrieval keys ``(..., d)`` from item-table rows: the rows themselves,
@@ -384,8 +393,7 @@ class DreamRec(SeqRecModel):
         # The table is a diffusion target (without stop-gradient in the reference): watch its scale.
         with torch.no_grad():
             norms = self.item_embedding.weight.norm(dim=1)  # (N + 1,)
-            trained = self.train_items.clone()
-            trained[PAD_ID] = False
+            trained = self.train_items  # PAD is never set (set_train_items)
             if bool(trained.any()):
                 self.log("train/item_norm_trained", norms[trained].mean())
             untrained = ~trained

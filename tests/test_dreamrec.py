@@ -300,14 +300,15 @@ def test_popularity_prior_moves_the_most_trained_items_up_and_needs_the_counts()
 # ------------------------------------------------------------------------------------------------
 
 
-def test_short_fit_beats_popularity() -> None:
+@pytest.mark.parametrize("config", ["dreamrec", "dreamrec_rank"])
+def test_short_fit_beats_popularity(config: str) -> None:
     data = SyntheticDataModule(scale=0.02, max_len=20, batch_size=128, eval_batch_size=512)
     data.setup()
     pl.seed_everything(0)
     popularity = fit_and_test(instantiate_model("popularity", data.num_items, data.max_len), data, 1)
     pl.seed_everything(0)
     dreamrec = fit_and_test(
-        instantiate_model("dreamrec", data.num_items, data.max_len, timesteps=50), data, 6
+        instantiate_model(config, data.num_items, data.max_len, timesteps=50), data, 6
     )
     assert dreamrec["test/ndcg@10"] > 1.5 * popularity["test/ndcg@10"], (dreamrec, popularity)
     assert dreamrec["test/recall@10"] > popularity["test/recall@10"]
@@ -343,3 +344,42 @@ def test_target_norm_fixes_the_targets_norm_and_ranks_items_by_cosine() -> None:
     assert torch.equal(ranked, (x0 @ keys.T).topk(5, dim=1).indices + 1), "cosine ranking over the normalised rows"
     with pytest.raises(ValueError, match="target_norm"):
         _model(target_norm=0.0)
+
+
+def test_ranking_weight_adds_the_cross_entropy_of_the_retrieval_scores_and_trains_the_table() -> None:
+    trained = torch.zeros(41, dtype=torch.bool)
+    trained[1:31] = True  # items 31-40 never trained: never a class of the softmax
+    plain = _model(40, dropout=0.0).train()
+    ranked = _model(40, dropout=0.0, ranking_weight=0.5).train()
+    for model in (plain, ranked):
+        model.set_train_items(trained)
+    windows, _ = _windows_and_pairs(30, users=12, max_len=8)
+    captured: list[torch.Tensor] = []
+    denoise = ranked.denoise
+    ranked.denoise = lambda *args: captured.append(denoise(*args)) or captured[-1]  # type: ignore[method-assign]
+    torch.manual_seed(7)
+    mse = plain.loss(windows)
+    torch.manual_seed(7)
+    total = ranked.loss(windows)
+    sequence = windows["sequence"]
+    target = sequence[:, 1:][sequence[:, :-1] != PAD_ID]  # (M,): row-major, as the loss takes them
+    (x0_hat,) = captured  # (M, d)
+    scores = x0_hat @ ranked.item_embedding.weight.T  # (M, 41)
+    scores[:, ~trained] = float("-inf")
+    expected_ce = torch.nn.functional.cross_entropy(scores, target)
+    print(f"mse {mse.item():.5f}, total {total.item():.5f}, ce {expected_ce.item():.5f}")
+    assert torch.allclose(total, mse + 0.5 * expected_ce, atol=1e-5), "MSE + lambda * CE over trained items"
+    # Padding-only histories: the encoder gives the table no gradient, the detached MSE target none;
+    # only the ranking term reaches the target rows, and every trained row (the softmax's classes).
+    for model, reaches in ((plain, False), (ranked, True)):
+        model.zero_grad()
+        history, target = torch.zeros(8, 8, dtype=torch.long), torch.arange(1, 9)
+        model.loss({"history": history, "target": target, "user": target}).backward()
+        grad = model.item_embedding.weight.grad
+        reached = grad is not None and bool(grad[1:31].abs().sum(dim=1).gt(0).all())
+        assert reached is reaches
+        assert grad is None or bool(grad[31:].abs().sum() == 0), "untrained items are not classes"
+    # The GPU grid path weighs padded rows 0; their target may be PAD: finite, and weighted out.
+    assert torch.isfinite(ranked.ranking_loss(x0_hat[:2], torch.tensor([PAD_ID, 3]), torch.tensor([0.0, 1.0])))
+    with pytest.raises(ValueError, match="ranking_weight"):
+        _model(ranking_weight=-1.0)

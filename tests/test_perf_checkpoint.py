@@ -79,7 +79,14 @@ def test_dreamrec_prior_chooses_on_validation_and_tests_the_choice_and_zero(tmp_
                                    "1000", "--profile", "smoke", "--out-dir", str(tmp_path), "--name", "report"])
     result = payload["result"]
     validation = result["val_ndcg@10"]
-    assert list(validation) == [0.0, 2.0, 1000.0] and result["chosen_prior"] == max(validation, key=validation.get)
+    assert list(validation) == [0.0, 2.0, 1000.0] and result["chosen"] == max(validation, key=validation.get)
     assert validation[1000.0] != validation[0.0], "the prior changes the ranking"
-    assert set(result["test"]) == {0.0, result["chosen_prior"]}
+    assert set(result["test"]) == {0.0, result["chosen"]}
     assert "Chosen on validation" in (tmp_path / "report.md").read_text()
+    payload = dreamrec_prior.main(["--dataset", "synthetic_tiny", "--checkpoint", str(checkpoint), "--guidance-weights",
+                                   "0", "2", "50", "--profile", "smoke", "--out-dir", str(tmp_path), "--name", "w"])
+    result = payload["result"]
+    assert result["knob"] == "guidance_weight" and list(result["val_ndcg@10"]) == [0.0, 2.0, 50.0]
+    assert set(result["test"]) == {2.0, result["chosen"]}, "the checkpoint's own w (2) and the chosen one"
+    assert result["val_ndcg@10"][50.0] != result["val_ndcg@10"][0.0], "w changes the samples"
+    assert "| guidance_weight | val NDCG@10 |" in (tmp_path / "w.md").read_text()
