@@ -54,6 +54,7 @@ SMALL: dict[str, dict[str, object]] = {
     "sasrec": {"hidden_size": 16},
     "sasrec_bce1": {"hidden_size": 16},
     "dreamrec": {"hidden_size": 16, "timesteps": 5},
+    "dreamrec_rank": {"hidden_size": 16, "timesteps": 5},
     "diffgrm": {"hidden_size": 16, "num_heads": 2, "inner_size": 32, "codebook_size": 8},
 }
 
@@ -122,6 +123,7 @@ STEP_CHECKS: dict[str, Callable[[SeqRecModel], None]] = {
     "sasrec": lambda model: None,
     "sasrec_bce1": lambda model: None,
     "dreamrec": lambda model: model.set_train_items(torch.ones(NUM_ITEMS + 1, dtype=torch.bool)),
+    "dreamrec_rank": lambda model: model.set_train_items(torch.ones(NUM_ITEMS + 1, dtype=torch.bool)),
     # Hand-made IDs (4 digits x 8 codes); DiffGRM's own test also covers its other maskings.
     "diffgrm": lambda model: model.set_semantic_ids(
         SemanticIDs(torch.randint(0, 8, (NUM_ITEMS + 1, 4), generator=torch.Generator().manual_seed(0)), (8,) * 4, "hand-made")
