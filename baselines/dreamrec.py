@@ -104,10 +104,10 @@ class FaithfulTEnc(nn.Module):
 
     1. ``X = Dropout(X0 + P[pos]) * m``: positions counted from the oldest real item; padding rows 0.
     2. ``Q = LN1(X)``. One head, query from ``Q``, keys and values from the *un-normalised* ``X``
-       (linear maps with bias): ``S = (Q W_q)(X W_k)^T / sqrt(d)``; keys whose row of ``X`` sums to 0 (padding) and future keys
-       get ``-2^32 + 1``; ``softmax``; then *query masking*: rows whose ``Q`` sums to 0 are zeroed
-       (``LN1`` of a padding row is ``LN1``'s bias, so this masks padding queries only while that bias
-       sums to 0: a faithful quirk; padding rows are discarded anyway); attention dropout;
+       (linear maps with bias): ``S = (Q W_q)(X W_k)^T / sqrt(d)``; keys whose row of ``X`` sums to 0
+       (padding) and future keys get ``-2^32 + 1``; ``softmax``; then *query masking*: rows whose ``Q``
+       sums to 0 are zeroed (``LN1`` of a padding row is ``LN1``'s bias, so this masks padding queries
+       only while that bias sums to 0: a faithful quirk; padding rows are dropped anyway); attention dropout;
        ``A = softmax(S) (X W_v) + Q`` (the residual is the *normalised* query).
     3. ``R = LN2(A)``; ``F = LN_ffn(Dropout(W_2 ReLU(W_1 R)) + R)`` with ``W_1, W_2`` of size d x d.
     4. ``H = LN3(F * m)``; the caller pools ``H[:, L - 1]``.
