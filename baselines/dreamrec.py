@@ -375,8 +375,7 @@ class DreamRec(SeqRecModel):
         # (N + 1,): a mask, not retrievable_items(), which reads the host (a sync per step on GPU)
         blocked = ~self.train_items if self.item_scope == "trained" else torch.zeros_like(self.train_items)
         blocked[PAD_ID] = True
-        # Finite fill: a padded grid row (weight 0, GPU path) may target PAD; its loss is then
-        # finite and weighted 0 instead of inf * 0.
+        # Finite fill: a padded grid row (weight 0, GPU path) may target PAD: 0 * finite, not 0 * inf.
         scores = (x0_hat @ keys.T).float().masked_fill(blocked, -1e9)  # (M, N + 1)
         ce = F.cross_entropy(scores, target, reduction="none")  # (M,)
         return ce.mean() if weight is None else (ce * weight).sum() / weight.sum().clamp(min=1)
