@@ -80,6 +80,7 @@ from recbench.diffusion import (
     sequence_keys,
     sinusoidal_time_embedding,
 )
+from recbench.losses import IGNORE_INDEX, linear_cross_entropy
 from recbench.metrics import DEFAULT_KS
 from recbench.model import SeqRecModel, float32_scores
 from recbench.nn import Dropout
@@ -369,16 +370,14 @@ class DreamRec(SeqRecModel):
 
     def ranking_loss(self, x0_hat: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         """Softmax cross-entropy of the retrieval scores ``x̂0 · K_j`` ``(M, d)`` over the retrievable
-        items (``K`` = :meth:`target_vectors` of the table, with gradient), averaged over targets
-        (``weight`` as in the MSE); DiffuRec trains on such a cross-entropy alone. Not in DreamRec."""
+        items (``K`` = :meth:`target_vectors` of the table, with gradient), averaged over the targets of
+        ``weight`` 1 (0/1 as in the MSE), chunked: no ``(M, N)`` scores. Not in DreamRec; DiffuRec's loss."""
         keys = self.target_vectors(self.item_embedding.weight)  # (N + 1, d)
         # (N + 1,): a mask, not retrievable_items(), which reads the host (a sync per step on GPU)
         blocked = ~self.train_items if self.item_scope == "trained" else torch.zeros_like(self.train_items)
         blocked[PAD_ID] = True
-        # Finite fill: a padded grid row (weight 0, GPU path) may target PAD: 0 * finite, not 0 * inf.
-        scores = (x0_hat @ keys.T).float().masked_fill(blocked, -1e9)  # (M, N + 1)
-        ce = F.cross_entropy(scores, target, reduction="none")  # (M,)
-        return ce.mean() if weight is None else (ce * weight).sum() / weight.sum().clamp(min=1)
+        labels = target if weight is None else torch.where(weight > 0, target, IGNORE_INDEX)  # (M,)
+        return linear_cross_entropy(x0_hat, keys, labels, excluded=blocked)
 
     def target_vectors(self, rows: Tensor) -> Tensor:
         """Diffusion targets and retrieval keys ``(..., d)`` from item-table rows: the rows themselves,

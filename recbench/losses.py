@@ -31,6 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden: torch.Tensor,
         table: torch.Tensor,
         labels: torch.Tensor,
+        excluded: torch.Tensor | None,
         chunk_rows: int,
     ) -> torch.Tensor:
         needs_grad = any(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
@@ -45,7 +46,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk = hidden[rows]  # (C, d)
             keep = valid[rows].to(torch.float32).unsqueeze(1)  # (C, 1)
             logits = (chunk @ table.T).float()  # (C, N)
-            target_logits = logits.gather(1, safe_labels[rows])  # (C, 1)
+            target_logits = logits.gather(1, safe_labels[rows])  # (C, 1), before the exclusion: finite
+            if excluded is not None:
+                logits.masked_fill_(excluded, float("-inf"))  # (C, N): those classes get exp 0
             peak = logits.amax(dim=1, keepdim=True)  # (C, 1)
             exponentials = logits.sub_(peak).exp_()  # (C, N), in place: one pass, no new buffer
             sums = exponentials.sum(dim=1, keepdim=True)  # (C, 1)
@@ -64,14 +67,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         grad_hidden, grad_table = ctx.saved_tensors  # type: ignore[attr-defined]
         hidden_dtype, table_dtype = ctx.dtypes  # type: ignore[attr-defined]
-        return (grad_hidden * grad_output).to(hidden_dtype), (grad_table * grad_output).to(table_dtype), None, None
+        return (grad_hidden * grad_output).to(hidden_dtype), (grad_table * grad_output).to(table_dtype), None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, table: torch.Tensor, labels: torch.Tensor, chunk_elements: int | None = None
+    hidden: torch.Tensor,
+    table: torch.Tensor,
+    labels: torch.Tensor,
+    excluded: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``softmax(hidden @ table.T)`` against ``labels``, over labelled rows.
 
@@ -79,18 +86,22 @@ def linear_cross_entropy(
         hidden: ``(..., d)`` query vectors (flattened to ``(M, d)``).
         table: ``(N, d)`` output embeddings (e.g. a tied item table without its padding row).
         labels: ``(...)`` class indices in ``[0, N)``, or :data:`IGNORE_INDEX` for rows that do not count.
+        excluded: ``(N,)`` bool, classes left out of every softmax (logits ``-inf`` in the chunk: no
+            probability, no gradient); no counted label may be one of them.
         chunk_elements: logits computed at once, which sets the chunk's row count (default: 2**20 on
             CPU, 2**26 elsewhere).
 
-    Equals ``F.cross_entropy((hidden @ table.T).float(), labels, ignore_index=IGNORE_INDEX)`` (0 when
-    no row counts, where that gives NaN). Not twice differentiable.
+    Equals ``F.cross_entropy((hidden @ table.T).float().masked_fill(excluded, -inf), labels,
+    ignore_index=IGNORE_INDEX)`` (0 when no row counts, where that gives NaN). Not twice differentiable.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the rows")
     if hidden.shape[-1] != table.shape[1]:
         raise ValueError(f"hidden width {hidden.shape[-1]} != table width {table.shape[1]}")
+    if excluded is not None and (excluded.dtype != torch.bool or excluded.shape != table.shape[:1]):
+        raise ValueError(f"excluded must be a bool mask of shape ({table.shape[0]},), got {excluded.dtype} {tuple(excluded.shape)}")
     if chunk_elements is None:
         chunk_elements = _CPU_CHUNK_ELEMENTS if hidden.device.type == "cpu" else _GPU_CHUNK_ELEMENTS
     chunk_rows = max(1, chunk_elements // max(1, table.shape[0]))
-    loss: torch.Tensor = _LinearCrossEntropy.apply(hidden.flatten(0, -2), table, labels.flatten(), chunk_rows)
+    loss: torch.Tensor = _LinearCrossEntropy.apply(hidden.flatten(0, -2), table, labels.flatten(), excluded, chunk_rows)
     return loss

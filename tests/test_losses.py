@@ -57,3 +57,24 @@ def test_mismatched_shapes_are_named() -> None:
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="width"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
+
+
+def test_excluded_classes_get_no_probability_and_no_gradient() -> None:
+    torch.manual_seed(2)
+    hidden = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    excluded = torch.zeros(10, dtype=torch.bool)
+    excluded[[0, 4, 9]] = True  # e.g. the padding row and items never trained
+    labels = torch.tensor([1, 2, 3, 5, 6, 7, 8, 1, 2, 3, 5, IGNORE_INDEX, IGNORE_INDEX])
+    expected = F.cross_entropy((hidden @ table.T).masked_fill(excluded, float("-inf")), labels, ignore_index=IGNORE_INDEX)
+    expected_grads = torch.autograd.grad(expected, (hidden, table))
+    loss = linear_cross_entropy(hidden, table, labels, excluded=excluded, chunk_elements=30)
+    grads = torch.autograd.grad(loss, (hidden, table))
+    assert torch.allclose(loss.double(), expected, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(got.double(), want, atol=1e-6)
+    assert not grads[1][excluded].any()
+    plain = linear_cross_entropy(hidden, table, labels)
+    assert plain > loss, "excluding classes removes probability mass from the denominator"
+    with pytest.raises(ValueError, match="excluded"):
+        linear_cross_entropy(hidden, table, labels, excluded=excluded[:-1])
