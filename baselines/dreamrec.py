@@ -219,7 +219,7 @@ class DreamRec(SeqRecModel):
             :meth:`ranking_loss`.
         training_view: ``sequence`` (one encoder pass per user window, every target at once;
             default) or ``pairs`` (one pass per target, the reference), see the module docstring.
-        lr, weight_decay, ks: see :class:`~recbench.model.SeqRecModel`. The
+        lr, weight_decay, ks, decay_epochs: see :class:`~recbench.model.SeqRecModel`. The
             reference uses Adam/AdamW with eps 1e-8 and weight decay 0 (identical optimisers then).
     """
 
@@ -251,8 +251,9 @@ class DreamRec(SeqRecModel):
         lr: float = 5e-3,
         weight_decay: float = 0.0,
         ks: Sequence[int] = DEFAULT_KS,
+        decay_epochs: int | None = None,
     ) -> None:
-        super().__init__(num_items, max_len, lr, weight_decay, ks)
+        super().__init__(num_items, max_len, lr, weight_decay, ks, decay_epochs)
         self.save_hyperparameters()
         if hidden_size % 2 or hidden_size < 4:
             raise ValueError(f"hidden_size must be even and >= 4, got {hidden_size}")

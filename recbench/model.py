@@ -38,6 +38,7 @@ import torch
 from recbench.batch import CASE, HISTORY, PAD_ID, TARGET, USER, Batch
 from recbench.metric_names import EXCLUDED_SUFFIX, ID_LEVEL_PREFIX
 from recbench.metrics import DEFAULT_KS, DecodeStats, RankingMetrics, case_metric_values, metric_names
+from recbench.schedules import fit_steps, schedule_end_epoch, scheduler_config, sized_schedule
 
 SELECTION_METRIC = "val/ndcg@10"
 
@@ -70,6 +71,10 @@ class SeqRecModel(pl.LightningModule):
         lr: learning rate of the default AdamW optimiser.
         weight_decay: AdamW weight decay.
         ks: cut-offs for Recall/NDCG/MRR.
+        decay_epochs: None (a constant rate) or the epochs over which the default optimiser's rate
+            follows a cosine to 0 (:mod:`recbench.schedules`, no warm-up); the fit then trains exactly
+            those epochs and is ``complete`` (:attr:`max_useful_epochs`). Models with their own
+            schedule (TIGER-style, DiffGRM) configure it themselves.
     """
 
     #: Which training view the model consumes: whole sequences or (history, target) pairs.
@@ -87,6 +92,7 @@ class SeqRecModel(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         ks: Sequence[int] = DEFAULT_KS,
+        decay_epochs: int | None = None,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -95,6 +101,9 @@ class SeqRecModel(pl.LightningModule):
         self.max_len = max_len
         self.lr = lr
         self.weight_decay = weight_decay
+        self.decay_epochs = decay_epochs
+        if decay_epochs is not None:  # validates it
+            self.max_useful_epochs = schedule_end_epoch("cosine", decay_epochs)
         self.ks = tuple(sorted(set(ks)))
         if 10 not in self.ks:
             raise ValueError(f"ks must include 10: model selection uses {SELECTION_METRIC}; got {list(ks)}")
@@ -138,11 +147,15 @@ class SeqRecModel(pl.LightningModule):
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, object] | None:
         parameters = [p for p in self.parameters() if p.requires_grad]
         if not parameters:
             return None
-        return self.adamw(parameters)
+        optimizer = self.adamw(parameters)
+        if self.decay_epochs is None:
+            return optimizer
+        schedule = sized_schedule("cosine", 0, fit_steps(self.trainer, self.decay_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, schedule)}
 
     def adamw(self, parameters: Sequence[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
         """AdamW at the model's ``lr``/``weight_decay``; the fused kernel on CUDA and CPU (one kernel

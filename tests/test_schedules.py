@@ -82,7 +82,19 @@ def _diffgrm_decaying_over_two_epochs(num_items: int):  # type: ignore[no-untype
                    pca_dim=8, val_beam=20, test_beam=20, lr=1e-2, warmup_steps=1, decay_epochs=2)
 
 
-@pytest.mark.parametrize("build", [_tiger_decaying_over_two_epochs, _diffgrm_decaying_over_two_epochs], ids=["tiger", "diffgrm"])
+def _dreamrec_decaying_over_two_epochs(num_items: int):  # type: ignore[no-untyped-def]
+    from baselines.dreamrec import DreamRec
+
+    with pytest.raises(ValueError, match="decay_epochs"):
+        DreamRec(num_items=5, decay_epochs=0)
+    return DreamRec(num_items=num_items, hidden_size=16, timesteps=10, lr=1e-2, decay_epochs=2)  # the base class's cosine
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_tiger_decaying_over_two_epochs, _diffgrm_decaying_over_two_epochs, _dreamrec_decaying_over_two_epochs],
+    ids=["tiger", "diffgrm", "dreamrec"],
+)
 def test_a_cosine_decays_over_its_decay_epochs(tiny_data, build) -> None:  # type: ignore[no-untyped-def]
     import lightning.pytorch as pl
 
@@ -104,7 +116,7 @@ def test_a_cosine_decays_over_its_decay_epochs(tiny_data, build) -> None:  # typ
     assert by_epoch[2] == [0.0] * len(by_epoch[2])  # past decay_epochs: at the floor, not at the cap
 
 
-def test_a_rate_annealed_to_zero_ends_the_useful_epochs_of_both_generative_models() -> None:
+def test_a_rate_annealed_to_zero_ends_the_useful_epochs_of_the_models_that_decay() -> None:
     from baselines.tiger import TIGER
     from recbench.model import SeqRecModel
 
@@ -115,6 +127,7 @@ def test_a_rate_annealed_to_zero_ends_the_useful_epochs_of_both_generative_model
         schedule_end_epoch("cosine", 0)
     assert _tiger_decaying_over_two_epochs(20).max_useful_epochs == 2
     assert _diffgrm_decaying_over_two_epochs(20).max_useful_epochs == 2
+    assert _dreamrec_decaying_over_two_epochs(20).max_useful_epochs == 2
     assert TIGER(num_items=20, hidden_size=16, num_heads=2, ffn_size=32).max_useful_epochs is None
     assert SeqRecModel.max_useful_epochs is None  # per instance: the class default is untouched
 
