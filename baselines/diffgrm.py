@@ -53,7 +53,7 @@ from recbench.diffusion import (
 from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock
-from recbench.schedules import WarmupSchedule, fit_steps, schedule_end_epoch, scheduler_config, sized_schedule
+from recbench.schedules import RateSchedule
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import ParallelPQConfig, ResidualKMeansConfig, SemanticIDs, ranked_codes_to_items
 from recbench.text import DEFAULT_ENCODER
@@ -220,8 +220,6 @@ class DiffGRM(SemanticIDModel):
             raise ValueError(f"val_beam and test_beam must be >= the largest K {max(self.ks)}, got {val_beam}, {test_beam}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-        if decay_epochs is not None and decay_steps is not None:
-            raise ValueError(f"decay_epochs (got {decay_epochs}) excludes decay_steps (got {decay_steps})")
         if masking not in ("guided", "sequential", "random"):
             raise ValueError(f"masking must be guided, sequential or random, got {masking!r}")
         if decode_order == "fixed" and fixed_digit_order is not None and sorted(fixed_digit_order) != list(range(n_digits)):
@@ -244,8 +242,7 @@ class DiffGRM(SemanticIDModel):
         self.decode_order, self.fixed_digit_order = decode_order, fixed_digit_order
         self.merge_duplicate_beams = merge_duplicate_beams
         self.beam_chunk_rows = beam_chunk_rows
-        self.warmup_steps, self.decay_steps, self.decay_epochs = warmup_steps, decay_steps, decay_epochs
-        self.max_useful_epochs = schedule_end_epoch("cosine", decay_epochs)
+        self.use_rate_schedule(RateSchedule("cosine", warmup_steps, decay_epochs, decay_steps))
         self.gradient_clip_val = gradient_clip_val
 
         # Network.
@@ -264,7 +261,6 @@ class DiffGRM(SemanticIDModel):
         nn.init.normal_(self.decoder.mask_embedding, std=0.02)
         self.register_buffer("token_offsets", 1 + torch.arange(n_digits) * codebook_size, persistent=False)
 
-        self._schedule: WarmupSchedule | None = None  # set by configure_optimizers
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -441,12 +437,6 @@ class DiffGRM(SemanticIDModel):
             logits.permute(2, 0, 1, 3), targets.permute(2, 0, 1), mask.permute(2, 0, 1), self.label_smoothing
         )
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.adamw()
-        allowed = float(self.decay_steps) if self.decay_steps is not None else fit_steps(self.trainer, self.decay_epochs)
-        self._schedule = sized_schedule("cosine", self.warmup_steps, allowed)  # recorded in run_notes
-        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, self._schedule)}
-
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
@@ -511,6 +501,7 @@ class DiffGRM(SemanticIDModel):
         }
 
     def run_notes(self) -> dict[str, object]:
+        sized = self.sized_rate_schedule  # once the fit has started: the warm-up capped, the end in steps
         return {
             "embedding_source": self.item_side_info.get("embedding_source"),
             "sid_scheme": self.item_side_info.get("scheme"),
@@ -533,8 +524,8 @@ class DiffGRM(SemanticIDModel):
             + (" (none: a collision digit, decoded last)" if self.collision_digit else ""),
             "metrics_level": "item",
             "cross_attention_padding_mask": True,
-            "warmup_steps": self._schedule.warmup_steps if self._schedule else self.warmup_steps,
-            "decay_steps": self._schedule.total_steps if self._schedule else self.decay_steps,
-            "decay_epochs": self.decay_epochs,
+            "warmup_steps": sized.warmup_steps if sized else self.rate_schedule.warmup_steps,
+            "decay_steps": sized.total_steps if sized else self.rate_schedule.decay_steps,
+            "decay_epochs": self.rate_schedule.decay_epochs,
             "gradient_clip_val": self.gradient_clip_val,
         }

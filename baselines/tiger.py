@@ -41,7 +41,7 @@ from recbench.data import SeqRecDataModule
 from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock, causal_padding_mask
-from recbench.schedules import ScheduleKind, fit_steps, schedule_end_epoch, scheduler_config, sized_schedule
+from recbench.schedules import RateSchedule, ScheduleKind
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import PAD_CODE, ResidualKMeansConfig, SemanticIDs
 from recbench.text import DEFAULT_ENCODER
@@ -330,10 +330,10 @@ class TIGER(SemanticIDModel):
             item_order=item_order,
         )
         self.save_hyperparameters()
-        if history_items < 1 or beam_size < 1 or levels < 1 or codebook_size < 2 or warmup_steps < 0:
+        if history_items < 1 or beam_size < 1 or levels < 1 or codebook_size < 2:
             raise ValueError(
-                "need history_items >= 1, beam_size >= 1, levels >= 1, codebook_size >= 2, warmup_steps >= 0; got "
-                f"{history_items}, {beam_size}, {levels}, {codebook_size}, {warmup_steps}"
+                "need history_items >= 1, beam_size >= 1, levels >= 1, codebook_size >= 2; got "
+                f"{history_items}, {beam_size}, {levels}, {codebook_size}"
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -348,11 +348,8 @@ class TIGER(SemanticIDModel):
         self.collaborative_dim = collaborative_dim
         self.levels = levels
         self.sid_seed, self.kmeans_iters = sid_seed, kmeans_iters
-        self.optimizer_name, self.lr_schedule, self.warmup_steps = optimizer, lr_schedule, warmup_steps
-        if decay_epochs is not None and lr_schedule != "cosine":
-            raise ValueError(f"decay_epochs (got {decay_epochs}) needs lr_schedule='cosine', got {lr_schedule!r}")
-        self.decay_epochs = decay_epochs
-        self.max_useful_epochs = schedule_end_epoch(lr_schedule, decay_epochs)
+        self.optimizer_name = optimizer
+        self.use_rate_schedule(RateSchedule(lr_schedule, warmup_steps, decay_epochs))
         self.network = _TigerNetwork(
             self.n_digits, codebook_size, self.history_items, architecture, encoder_input, hidden_size,
             encoder_layers, decoder_layers, num_heads, head_dim, ffn_size, dropout, output_head,
@@ -441,10 +438,7 @@ class TIGER(SemanticIDModel):
             )
         else:
             optimizer = self.adamw(parameters)
-        if self.lr_schedule == "constant" and self.warmup_steps == 0:
-            return optimizer
-        schedule = sized_schedule(self.lr_schedule, self.warmup_steps, fit_steps(self.trainer, self.decay_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, schedule)}
+        return self.scheduled(optimizer)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

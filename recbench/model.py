@@ -38,7 +38,7 @@ import torch
 from recbench.batch import CASE, HISTORY, PAD_ID, TARGET, USER, Batch
 from recbench.metric_names import EXCLUDED_SUFFIX, ID_LEVEL_PREFIX
 from recbench.metrics import DEFAULT_KS, DecodeStats, RankingMetrics, case_metric_values, metric_names
-from recbench.schedules import fit_steps, schedule_end_epoch, scheduler_config, sized_schedule
+from recbench.schedules import RateSchedule, WarmupSchedule, scheduler_config
 
 SELECTION_METRIC = "val/ndcg@10"
 
@@ -73,8 +73,8 @@ class SeqRecModel(pl.LightningModule):
         ks: cut-offs for Recall/NDCG/MRR.
         decay_epochs: None (a constant rate) or the epochs over which the default optimiser's rate
             follows a cosine to 0 (:mod:`recbench.schedules`, no warm-up); the fit then trains exactly
-            those epochs and is ``complete`` (:attr:`max_useful_epochs`). Models with their own
-            schedule (TIGER-style, DiffGRM) configure it themselves.
+            those epochs and is ``complete`` (:attr:`max_useful_epochs`). Models with a schedule of
+            their own (warm-up, another kind) state it with :meth:`use_rate_schedule`.
     """
 
     #: Which training view the model consumes: whole sequences or (history, target) pairs.
@@ -101,9 +101,7 @@ class SeqRecModel(pl.LightningModule):
         self.max_len = max_len
         self.lr = lr
         self.weight_decay = weight_decay
-        self.decay_epochs = decay_epochs
-        if decay_epochs is not None:  # validates it
-            self.max_useful_epochs = schedule_end_epoch("cosine", decay_epochs)
+        self.use_rate_schedule(RateSchedule("constant" if decay_epochs is None else "cosine", 0, decay_epochs))
         self.ks = tuple(sorted(set(ks)))
         if 10 not in self.ks:
             raise ValueError(f"ks must include 10: model selection uses {SELECTION_METRIC}; got {list(ks)}")
@@ -151,11 +149,24 @@ class SeqRecModel(pl.LightningModule):
         parameters = [p for p in self.parameters() if p.requires_grad]
         if not parameters:
             return None
-        optimizer = self.adamw(parameters)
-        if self.decay_epochs is None:
+        return self.scheduled(self.adamw(parameters))
+
+    def use_rate_schedule(self, schedule: RateSchedule) -> None:
+        """State the model's learning-rate recipe (validated by :class:`~recbench.schedules.RateSchedule`);
+        a rate that anneals to 0 at an epoch ends the model's useful epochs there."""
+        self.rate_schedule = schedule
+        #: The multiplier :meth:`scheduled` sized for the fit (None before, or for a constant rate).
+        self.sized_rate_schedule: WarmupSchedule | None = None
+        if schedule.end_epoch is not None:
+            self.max_useful_epochs = schedule.end_epoch
+
+    def scheduled(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | dict[str, object]:
+        """``optimizer`` under :attr:`rate_schedule`, sized for this trainer's fit, as
+        ``configure_optimizers`` returns it."""
+        self.sized_rate_schedule = self.rate_schedule.sized(self.trainer)
+        if self.sized_rate_schedule is None:
             return optimizer
-        schedule = sized_schedule("cosine", 0, fit_steps(self.trainer, self.decay_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, schedule)}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config(optimizer, self.sized_rate_schedule)}
 
     def adamw(self, parameters: Sequence[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
         """AdamW at the model's ``lr``/``weight_decay``; the fused kernel on CUDA and CPU (one kernel

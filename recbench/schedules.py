@@ -97,6 +97,55 @@ def fit_steps(trainer: pl.Trainer, decay_epochs: int | None = None) -> float:
     return min(cap, float(decay_epochs * per_epoch))
 
 
+@dataclass(frozen=True)
+class RateSchedule:
+    """A model's learning-rate recipe, before the fit's size is known: what its init arguments say.
+
+    Every model states its schedule as one of these (:meth:`recbench.model.SeqRecModel.use_rate_schedule`)
+    and the base class sizes it for the fit and hands it to Lightning, so the rules live here once.
+
+    Args:
+        kind: ``constant``, ``cosine`` or ``inverse_sqrt`` (see the module docstring).
+        warmup_steps: warm-up length (constant, cosine) or constant phase (inverse_sqrt) in optimiser steps.
+        decay_epochs: a cosine reaches 0 after this many epochs' steps (:func:`fit_steps`), where the fit
+            is complete (:attr:`end_epoch`); None: at the fit's cap.
+        decay_steps: or a cosine reaches 0 at this optimiser step; at most one of the two.
+    """
+
+    kind: ScheduleKind = "constant"
+    warmup_steps: int = 0
+    decay_epochs: int | None = None
+    decay_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "cosine", "inverse_sqrt"):
+            raise ValueError(f"unknown schedule {self.kind!r}: expected constant, cosine or inverse_sqrt")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check_decay_epochs(self.decay_epochs)
+        if self.decay_epochs is not None and self.decay_steps is not None:
+            raise ValueError(f"decay_epochs (got {self.decay_epochs}) excludes decay_steps (got {self.decay_steps})")
+        if self.kind != "cosine" and (self.decay_epochs is not None or self.decay_steps is not None):
+            raise ValueError(
+                f"decay_epochs (got {self.decay_epochs}) and decay_steps (got {self.decay_steps}) need a cosine "
+                f"schedule, got {self.kind!r}: a constant or inverse-sqrt rate has nothing to decay to"
+            )
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1 or None, got {self.decay_steps}")
+
+    @property
+    def end_epoch(self) -> int | None:
+        """The epochs after which the rate stays 0 (:func:`schedule_end_epoch`), or None."""
+        return schedule_end_epoch(self.kind, self.decay_epochs)
+
+    def sized(self, trainer: pl.Trainer) -> WarmupSchedule | None:
+        """The multiplier for this trainer's fit; None for a constant rate without warm-up (no scheduler)."""
+        if self.kind == "constant" and self.warmup_steps == 0:
+            return None
+        allowed = float(self.decay_steps) if self.decay_steps is not None else fit_steps(trainer, self.decay_epochs)
+        return sized_schedule(self.kind, self.warmup_steps, allowed)
+
+
 def scheduler_config(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> dict[str, object]:
     """Lightning's ``lr_scheduler`` entry: the multiplier applied after every optimiser step."""
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from recbench.schedules import WarmupSchedule, schedule_end_epoch, scheduler_config, sized_schedule
+from recbench.schedules import (
+    RateSchedule,
+    WarmupSchedule,
+    schedule_end_epoch,
+    scheduler_config,
+    sized_schedule,
+)
 
 
 def test_warmup_then_cosine_reaches_zero_at_the_allowed_steps() -> None:
@@ -58,6 +64,32 @@ def test_fit_steps_is_the_cap_or_the_first_decay_epochs() -> None:
     assert fit_steps(trainer, decay_epochs=100) == 1000  # type: ignore[arg-type]  # never past the cap
     with pytest.raises(ValueError, match="decay_epochs"):
         fit_steps(trainer, decay_epochs=0)  # type: ignore[arg-type]
+
+
+def test_a_rate_schedule_is_one_recipe_sized_for_the_fit() -> None:
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="warmup_steps"):
+        RateSchedule("cosine", -1)
+    with pytest.raises(ValueError, match="need a cosine"):
+        RateSchedule("constant", 0, decay_epochs=3)
+    with pytest.raises(ValueError, match="need a cosine"):
+        RateSchedule("inverse_sqrt", 10, decay_steps=3)
+    with pytest.raises(ValueError, match="excludes decay_steps"):
+        RateSchedule("cosine", 0, 3, 100)
+    with pytest.raises(ValueError, match="decay_steps"):
+        RateSchedule("cosine", 0, None, 0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        RateSchedule("linear")  # type: ignore[arg-type]
+    trainer = SimpleNamespace(estimated_stepping_batches=1000, num_training_batches=41, accumulate_grad_batches=2)
+    assert RateSchedule().sized(trainer) is None  # type: ignore[arg-type]  # a constant rate: no scheduler at all
+    assert RateSchedule("constant", 10).sized(trainer) == WarmupSchedule("constant", 10, 1000)  # type: ignore[arg-type]
+    assert RateSchedule("inverse_sqrt").sized(trainer) == WarmupSchedule("inverse_sqrt", 0, 1000)  # type: ignore[arg-type]
+    # 10 epochs of ceil(41 / 2) steps; a warm-up longer than half the allowed steps is capped
+    assert RateSchedule("cosine", 10, decay_epochs=10).sized(trainer) == WarmupSchedule("cosine", 10, 210)  # type: ignore[arg-type]
+    assert RateSchedule("cosine", 500, decay_steps=300).sized(trainer) == WarmupSchedule("cosine", 150, 300)  # type: ignore[arg-type]
+    assert RateSchedule("cosine", 0, 7).end_epoch == 7
+    assert RateSchedule("cosine").end_epoch is None and RateSchedule("constant").end_epoch is None
 
 
 def _tiger_decaying_over_two_epochs(num_items: int):  # type: ignore[no-untyped-def]
