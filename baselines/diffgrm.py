@@ -261,7 +261,6 @@ class DiffGRM(SemanticIDModel):
         nn.init.normal_(self.decoder.mask_embedding, std=0.02)
         self.register_buffer("token_offsets", 1 + torch.arange(n_digits) * codebook_size, persistent=False)
 
-
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
