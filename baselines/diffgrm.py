@@ -60,7 +60,7 @@ from recbench.text import DEFAULT_ENCODER
 
 log = logging.getLogger(__name__)
 
-Masking = Literal["guided", "sequential", "random"]
+Masking = Literal["guided", "sequential", "fixed", "random"]
 
 
 # ----- network pieces (private) --------------------------------------------------------------------
@@ -136,14 +136,17 @@ class DiffGRM(SemanticIDModel):
         dropout: embedding, attention and residual dropout.
         position_anchor: encoder position 0 is the ``oldest`` kept item (the reference) or the
             ``newest`` one.
-        masking: ``guided`` (OCN), ``sequential`` or ``random``.
+        masking: ``guided`` (OCN), ``sequential`` (nested views along a random order), ``fixed``
+            (nested views along the reverse of the decoding order: the states a ``fixed`` decode
+            visits) or ``random``.
         confidence_metric: ``msp`` or ``entropy`` (guided masking).
         guided_select: ``least`` (mask the least confident digits first, the paper) or ``most``.
         random_mask_prob, random_views: Bernoulli rate and views per sample for ``random``
             (default views: n, the decoder cost of the other strategies).
         label_smoothing: epsilon of the per-digit cross-entropy.
         val_beam, test_beam: CPD beam width for validation and direct calls / for test and predict.
-        decode_order, fixed_digit_order: ``confidence`` (the paper) or ``fixed`` (ablation).
+        decode_order, fixed_digit_order: ``confidence`` (the paper) or ``fixed`` (ablation; digits
+            in ``fixed_digit_order``, default 0..n-1).
         merge_duplicate_beams: merge equal partial beams (frees beam slots), off by default.
         beam_chunk_rows: at most this many (user x beam) rows are decoded at once.
         batch_size: training batch size of this recipe (None: the datamodule's ``batch_size``); see
@@ -220,14 +223,17 @@ class DiffGRM(SemanticIDModel):
             raise ValueError(f"val_beam and test_beam must be >= the largest K {max(self.ks)}, got {val_beam}, {test_beam}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-        if masking not in ("guided", "sequential", "random"):
-            raise ValueError(f"masking must be guided, sequential or random, got {masking!r}")
-        if decode_order == "fixed" and fixed_digit_order is not None and sorted(fixed_digit_order) != list(range(n_digits)):
-            raise ValueError(f"fixed_digit_order must be a permutation of 0..{n_digits - 1}")
+        if masking not in ("guided", "sequential", "fixed", "random"):
+            raise ValueError(f"masking must be guided, sequential, fixed or random, got {masking!r}")
+        digit_order = list(range(n_digits)) if fixed_digit_order is None else list(fixed_digit_order)
+        if sorted(digit_order) != list(range(n_digits)):
+            raise ValueError(f"fixed_digit_order must be a permutation of 0..{n_digits - 1}, got {fixed_digit_order}")
         if merge_duplicate_beams and (codebook_size + 1) ** n_digits >= 2**62:
             raise ValueError("merge_duplicate_beams needs (codebook_size + 1) ** n_digits < 2**62")
-        if collision_digit and (masking == "random" or decode_order != "confidence"):
-            raise ValueError("collision_digit needs nested views (guided or sequential masking) and decode_order='confidence'")
+        if masking == "fixed" and decode_order != "fixed":
+            raise ValueError("masking='fixed' trains the states of a fixed-order decode: it needs decode_order='fixed'")
+        if collision_digit and (masking == "random" or (decode_order == "fixed" and digit_order[-1] != n_digits - 1)):
+            raise ValueError("collision_digit needs nested views (not random masking) and, under a fixed order, the digit decoded last")
         if id_scheme not in ("pq", "rq"):
             raise ValueError(f"id_scheme must be 'pq' or 'rq', got {id_scheme!r}")
         if position_anchor not in ("oldest", "newest"):
@@ -240,6 +246,8 @@ class DiffGRM(SemanticIDModel):
         self.label_smoothing = label_smoothing
         self.val_beam, self.test_beam = val_beam, test_beam
         self.decode_order, self.fixed_digit_order = decode_order, fixed_digit_order
+        # Masking order of `fixed` views: the digit decoded last is masked first (not saved: config).
+        self.register_buffer("fixed_masking_order", torch.tensor(digit_order[::-1]), persistent=False)
         self.merge_duplicate_beams = merge_duplicate_beams
         self.beam_chunk_rows = beam_chunk_rows
         self.use_rate_schedule(RateSchedule("cosine", warmup_steps, decay_epochs, decay_steps))
@@ -396,6 +404,8 @@ class DiffGRM(SemanticIDModel):
             return random_mask_views(batch_size, n, self.random_views, self.random_mask_prob, device=device)
         if self.masking == "sequential":
             return nested_mask_views(self._collision_digit_first(random_order(batch_size, n, device=device)))
+        if self.masking == "fixed":
+            return nested_mask_views(self.fixed_masking_order.expand(batch_size, n))
         # guided (OCN): score the fully masked target with the decoder in eval mode, no gradient.
         was_training = self.decoder.training
         self.decoder.train(False)

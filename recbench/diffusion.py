@@ -983,9 +983,9 @@ def cpd_beam_search(
             orders, keeping the best score (frees slots, so results may change). Exact: at step s a
             state has at most s + 1 parents, so the top ``beam`` distinct states are among the top
             ``beam·(s + 1)`` candidates.
-        last_digit: a digit held back until every other one is filled (``confidence`` order only),
-            e.g. a collision digit; its step is then a beam step over (beams x codes), so several
-            items that share the other digits can all be kept, instead of the argmax.
+        last_digit: a digit held back until every other one is filled (under ``fixed``, the order's
+            last digit), e.g. a collision digit; its step is then a beam step over (beams x codes),
+            so several items that share the other digits can all be kept, instead of the argmax.
 
     Returns:
         :class:`BeamResult` with W = min(beam, number of reachable candidates) slots.
@@ -1001,8 +1001,10 @@ def cpd_beam_search(
             raise ValueError(f"fixed_order must be a permutation of 0..{n - 1}, got {fixed_order}")
     elif decode_order != "confidence":
         raise ValueError(f"decode_order must be 'confidence' or 'fixed', got {decode_order!r}")
-    if last_digit is not None and (decode_order != "confidence" or not 0 <= last_digit < n):
-        raise ValueError(f"last_digit needs decode_order='confidence' and a digit in 0..{n - 1}, got {last_digit}")
+    if last_digit is not None and not 0 <= last_digit < n:
+        raise ValueError(f"last_digit must be a digit in 0..{n - 1}, got {last_digit}")
+    if last_digit is not None and decode_order == "fixed" and order[-1] != last_digit:
+        raise ValueError(f"last_digit {last_digit} must come last in the fixed order {order}")
     if merge_duplicate_beams and (k + 1) ** n >= 2**62:
         raise ValueError(f"merge_duplicate_beams: partial states of {n} digits x {k} codes overflow an int64 key")
     neg_inf = float("-inf")

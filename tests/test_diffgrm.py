@@ -226,18 +226,20 @@ def test_fixed_order_beam_matches_brute_force() -> None:
     assert items.tolist() == expected
 
 
-def test_held_back_last_digit_is_filled_by_a_beam_step_and_matches_brute_force() -> None:
+@pytest.mark.parametrize("decode_order, merge", [("confidence", True), ("fixed", False)])
+def test_held_back_last_digit_is_filled_by_a_beam_step_and_matches_brute_force(decode_order, merge) -> None:
     n, size, users, beam = 3, 4, 5, 12
     log_p = torch.randn(users, n, size).log_softmax(-1)
     calls: list[torch.Tensor] = []
     stub = _factorised_stub(log_p)
     beams = cpd_beam_search(
-        lambda c: (calls.append(c.clone()), stub(c))[1], users, n, size, beam, merge_duplicate_beams=True, last_digit=2
+        lambda c: (calls.append(c.clone()), stub(c))[1], users, n, size, beam, decode_order,
+        merge_duplicate_beams=merge, last_digit=2,
     )
     assert all(bool((c[..., 2] == MASKED).all()) for c in calls), "digit 2 stays masked until the last step"
-    # With merging the 12 best distinct (d0, d1) prefixes survive, and a best full ID never has a
-    # prefix outside them, so the result is the exact top 12 of all 64 IDs, several per prefix (an
-    # argmax last step would keep one code of digit 2 per prefix).
+    # With merging (or one fixed order) the 12 best distinct (d0, d1) prefixes survive, and a best
+    # full ID never has a prefix outside them, so the result is the exact top 12 of all 64 IDs,
+    # several per prefix (an argmax last step would keep one code of digit 2 per prefix).
     combos = torch.tensor(list(itertools.product(range(size), repeat=n)))  # (64, n)
     joint = log_p[:, torch.arange(n), combos].sum(-1)  # (B, 64)
     best, index = joint.topk(beam, dim=1)
@@ -245,8 +247,8 @@ def test_held_back_last_digit_is_filled_by_a_beam_step_and_matches_brute_force()
     torch.testing.assert_close(beams.scores, best)
     prefixes = {tuple(c[:2]) for c in beams.codes[0].tolist()}
     assert len(prefixes) < beam, "some prefix keeps several codes of the held-back digit"
-    with pytest.raises(ValueError, match="last_digit"):
-        cpd_beam_search(stub, users, n, size, beam, decode_order="fixed", last_digit=2)
+    with pytest.raises(ValueError, match="last_digit 2 must come last"):
+        cpd_beam_search(stub, users, n, size, beam, decode_order="fixed", fixed_order=[2, 0, 1], last_digit=2)
 
 
 def test_narrow_beam_finds_the_best_factorised_id() -> None:
@@ -518,6 +520,26 @@ def test_collision_digit_is_masked_in_every_view_and_makes_every_item_its_own_id
         plain.set_semantic_ids(sids)
     with pytest.raises(ValueError, match="nested views"):
         _tiny_model(50, 3, 8, 10, collision_digit=True, masking="random")
+
+
+def test_fixed_masking_trains_the_states_a_fixed_order_decode_visits(small_data) -> None:
+    model = _tiny_model(
+        small_data.num_items, 3, 16, small_data.max_len, collision_digit=True, pca_dim=16,
+        masking="fixed", decode_order="fixed", fixed_digit_order=[1, 0, 2],
+    )
+    model.set_semantic_ids(*model.build_semantic_ids(small_data))
+    history = next(iter(small_data.test_dataloader()))[HISTORY][:4]
+    masks = model.training_masks(model.encode(history), batch_size=4)  # (B, V, n)
+    # Decoding fills digit 1, then 0, then the collision digit 2: the views mask {2}, {2, 0}, {2, 0, 1}.
+    assert masks.tolist() == [[[False, False, True], [True, False, True], [True, True, True]]] * 4
+    ranked = model.eval().recommend(history, 10, beam=20)
+    assert all(len({i for i in row if i}) == len([i for i in row if i]) for row in ranked.tolist())
+    with pytest.raises(ValueError, match="decode_order='fixed'"):
+        _tiny_model(50, masking="fixed")
+    with pytest.raises(ValueError, match="the digit decoded last"):
+        _tiny_model(50, collision_digit=True, decode_order="fixed", fixed_digit_order=[2, 0, 1])
+    with pytest.raises(ValueError, match="fixed_digit_order"):
+        _tiny_model(50, decode_order="fixed", fixed_digit_order=[0, 0, 1])
 
 
 def test_rq_scheme_decodes_the_tiger_style_models_ids(small_data, tmp_path, monkeypatch) -> None:
