@@ -55,6 +55,13 @@ class WarmupSchedule:
         return 1.0
 
 
+def _check_kind_and_warmup(kind: ScheduleKind, warmup_steps: int) -> None:
+    if kind not in ("constant", "cosine", "inverse_sqrt"):
+        raise ValueError(f"unknown schedule {kind!r}: expected constant, cosine or inverse_sqrt")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+
+
 def _check_decay_epochs(decay_epochs: int | None) -> None:
     if decay_epochs is not None and decay_epochs < 1:
         raise ValueError(f"decay_epochs must be >= 1 or None, got {decay_epochs}")
@@ -75,10 +82,9 @@ def sized_schedule(kind: ScheduleKind, warmup_steps: int, allowed_steps: float) 
 
     The warm-up is capped at half the allowed steps; cosine decays over the rest.
     """
-    if warmup_steps < 0 or not allowed_steps >= 1:
-        raise ValueError(f"need warmup_steps >= 0 and allowed_steps >= 1, got {warmup_steps}, {allowed_steps}")
-    if kind not in ("constant", "cosine", "inverse_sqrt"):
-        raise ValueError(f"unknown schedule {kind!r}: expected constant, cosine or inverse_sqrt")
+    _check_kind_and_warmup(kind, warmup_steps)
+    if not allowed_steps >= 1:
+        raise ValueError(f"allowed_steps must be >= 1, got {allowed_steps}")
     if not math.isfinite(allowed_steps):
         return WarmupSchedule(kind, warmup_steps, None)
     total = int(allowed_steps)
@@ -118,10 +124,7 @@ class RateSchedule:
     decay_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("constant", "cosine", "inverse_sqrt"):
-            raise ValueError(f"unknown schedule {self.kind!r}: expected constant, cosine or inverse_sqrt")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check_kind_and_warmup(self.kind, self.warmup_steps)
         _check_decay_epochs(self.decay_epochs)
         if self.decay_epochs is not None and self.decay_steps is not None:
             raise ValueError(f"decay_epochs (got {self.decay_epochs}) excludes decay_steps (got {self.decay_steps})")

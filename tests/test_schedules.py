@@ -38,6 +38,10 @@ def test_warmup_never_outlasts_half_the_allowed_steps() -> None:
     assert short(499) == pytest.approx(1.0) and short(1_000) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="unknown schedule"):
         sized_schedule("linear", 1, 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="warmup_steps"):
+        sized_schedule("cosine", -1, 10)
+    with pytest.raises(ValueError, match="allowed_steps"):
+        sized_schedule("cosine", 1, 0.5)
 
 
 def test_scheduler_steps_the_optimiser_learning_rate() -> None:
