@@ -61,6 +61,7 @@ from recbench.text import DEFAULT_ENCODER
 log = logging.getLogger(__name__)
 
 Masking = Literal["guided", "sequential", "fixed", "random"]
+LossPositions = Literal["masked", "next"]
 
 
 # ----- network pieces (private) --------------------------------------------------------------------
@@ -144,6 +145,9 @@ class DiffGRM(SemanticIDModel):
         random_mask_prob, random_views: Bernoulli rate and views per sample for ``random``
             (default views: n, the decoder cost of the other strategies).
         label_smoothing: epsilon of the per-digit cross-entropy.
+        loss_positions: ``masked`` (the paper: every masked digit of a view) or ``next`` (nested
+            views only: the one digit a view's decode fills next, i.e. masked in it and revealed in
+            the previous view; under ``fixed`` masking, autoregressive training in that order).
         val_beam, test_beam: CPD beam width for validation and direct calls / for test and predict.
         decode_order, fixed_digit_order: ``confidence`` (the paper) or ``fixed`` (ablation; digits
             in ``fixed_digit_order``, default 0..n-1).
@@ -192,6 +196,7 @@ class DiffGRM(SemanticIDModel):
         random_mask_prob: float = 0.5,
         random_views: int | None = None,
         label_smoothing: float = 0.1,
+        loss_positions: LossPositions = "masked",
         val_beam: int = 32,
         test_beam: int = 256,
         decode_order: DecodeOrder = "confidence",
@@ -230,6 +235,8 @@ class DiffGRM(SemanticIDModel):
             raise ValueError(f"fixed_digit_order must be a permutation of 0..{n_digits - 1}, got {fixed_digit_order}")
         if merge_duplicate_beams and (codebook_size + 1) ** n_digits >= 2**62:
             raise ValueError("merge_duplicate_beams needs (codebook_size + 1) ** n_digits < 2**62")
+        if loss_positions not in ("masked", "next") or (loss_positions == "next" and masking == "random"):
+            raise ValueError(f"loss_positions must be 'masked', or 'next' with nested views, got {loss_positions!r}")
         if masking == "fixed" and decode_order != "fixed":
             raise ValueError("masking='fixed' trains the states of a fixed-order decode: it needs decode_order='fixed'")
         if collision_digit and (masking == "random" or (decode_order == "fixed" and digit_order[-1] != n_digits - 1)):
@@ -244,6 +251,7 @@ class DiffGRM(SemanticIDModel):
         self.random_mask_prob = random_mask_prob
         self.random_views = n_digits if random_views is None else random_views
         self.label_smoothing = label_smoothing
+        self.loss_positions = loss_positions
         self.val_beam, self.test_beam = val_beam, test_beam
         self.decode_order, self.fixed_digit_order = decode_order, fixed_digit_order
         # Masking order of `fixed` views: the digit decoded last is masked first (not saved: config).
@@ -421,15 +429,23 @@ class DiffGRM(SemanticIDModel):
     def _collision_digit_first(self, order: Tensor) -> Tensor:
         return masked_first(order, self.n_digits - 1) if self.collision_digit else order
 
-    def _scored_positions(self, mask: Tensor) -> Tensor | None:
-        """Flat indices (B, Q) of the masked positions of views (B, V, n), or None. Nested views
-        (guided, sequential) mask 1 + 2 + ... + V positions in every row, a count known on the host;
+    def _loss_mask(self, mask: Tensor) -> Tensor:
+        """(B, V, n) True where the loss reads a view's logits: its masked digits, or (``next``) the
+        one digit masked in it but not in the previous nested view."""
+        if self.loss_positions == "masked":
+            return mask
+        return mask & ~torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+
+    def _scored_positions(self, scored: Tensor) -> Tensor | None:
+        """Flat indices (B, Q) of the True positions of (B, V, n), or None. With nested views every
+        row has 1 + 2 + ... + V masked positions (or V ``next`` ones), a count known on the host;
         random views mask a count that varies by row (selecting it would read it back: a GPU sync)."""
         if self.masking == "random":
             return None
-        views = mask.shape[1]
-        unmasked_last = (~mask.flatten(1)).to(torch.uint8)  # (B, V n): 0 = masked
-        return torch.argsort(unmasked_last, dim=1, stable=True)[:, : views * (views + 1) // 2]
+        views = scored.shape[1]
+        count = views if self.loss_positions == "next" else views * (views + 1) // 2
+        unscored_last = (~scored.flatten(1)).to(torch.uint8)  # (B, V n): 0 = scored
+        return torch.argsort(unscored_last, dim=1, stable=True)[:, :count]
 
     def loss(self, batch: Batch) -> Tensor:
         if not self.has_semantic_ids:
@@ -437,13 +453,14 @@ class DiffGRM(SemanticIDModel):
         memory = self.encode(batch[HISTORY])
         target = self.sid_codes[batch[TARGET]]  # (B, n)
         mask = self.training_masks(memory, target.shape[0])  # (B, V, n)
-        logits = self.decoder_logits(memory, apply_mask(target, mask), self._scored_positions(mask))  # (B, V, n, K')
+        scored = self._loss_mask(mask)  # (B, V, n)
+        logits = self.decoder_logits(memory, apply_mask(target, mask), self._scored_positions(scored))  # (B, V, n, K')
         targets = target.unsqueeze(1).expand_as(mask)  # (B, V, n)
         # The einsum's logits are a view of digit-major storage (n, B, V, K'), and the mean over the
         # masked positions does not depend on their order: taken in that order, flattening copies
         # nothing (in (B, V, n) order it copies every logit, forward and backward).
         return masked_cross_entropy(
-            logits.permute(2, 0, 1, 3), targets.permute(2, 0, 1), mask.permute(2, 0, 1), self.label_smoothing
+            logits.permute(2, 0, 1, 3), targets.permute(2, 0, 1), scored.permute(2, 0, 1), self.label_smoothing
         )
 
     def configure_gradient_clipping(
@@ -523,6 +540,7 @@ class DiffGRM(SemanticIDModel):
             "confidence_metric": self.confidence_metric if self.masking == "guided" else None,
             "guided_select": self.guided_select if self.masking == "guided" else None,
             "label_smoothing": self.label_smoothing,
+            "loss_positions": self.loss_positions,
             "val_beam": self.val_beam,
             "test_beam": self.test_beam,
             "decode_order": self.decode_order,

@@ -532,6 +532,8 @@ def test_fixed_masking_trains_the_states_a_fixed_order_decode_visits(small_data)
     masks = model.training_masks(model.encode(history), batch_size=4)  # (B, V, n)
     # Decoding fills digit 1, then 0, then the collision digit 2: the views mask {2}, {2, 0}, {2, 0, 1}.
     assert masks.tolist() == [[[False, False, True], [True, False, True], [True, True, True]]] * 4
+    model.loss_positions = "next"  # each view's loss on the digit its decode fills next: 2, 0, 1
+    assert model._loss_mask(masks).tolist() == [[[False, False, True], [True, False, False], [False, True, False]]] * 4
     ranked = model.eval().recommend(history, 10, beam=20)
     assert all(len({i for i in row if i}) == len([i for i in row if i]) for row in ranked.tolist())
     with pytest.raises(ValueError, match="decode_order='fixed'"):
@@ -540,6 +542,8 @@ def test_fixed_masking_trains_the_states_a_fixed_order_decode_visits(small_data)
         _tiny_model(50, collision_digit=True, decode_order="fixed", fixed_digit_order=[2, 0, 1])
     with pytest.raises(ValueError, match="fixed_digit_order"):
         _tiny_model(50, decode_order="fixed", fixed_digit_order=[0, 0, 1])
+    with pytest.raises(ValueError, match="loss_positions"):
+        _tiny_model(50, masking="random", loss_positions="next")
 
 
 def test_rq_scheme_decodes_the_tiger_style_models_ids(small_data, tmp_path, monkeypatch) -> None:
@@ -581,11 +585,17 @@ def test_loss_in_digit_major_order_equals_the_position_order_loss() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("masking", ["guided", "sequential"])
-def test_loss_on_the_scored_positions_equals_the_full_decoder_loss(masking: str) -> None:
-    # The last decoder block runs its cross-attention and FFN on the masked positions only: the same
-    # loss and the same gradients as the full decoder (the unmasked positions weigh 0 in the loss).
-    model = _tiny_model(30, n_digits=4, codebook_size=4, decoder_layers=2, masking=masking, label_smoothing=0.1)
+@pytest.mark.parametrize(
+    "masking, loss_positions", [("guided", "masked"), ("sequential", "masked"), ("guided", "next"), ("fixed", "next")]
+)
+def test_loss_on_the_scored_positions_equals_the_full_decoder_loss(masking: str, loss_positions: str) -> None:
+    # The last decoder block runs its cross-attention and FFN on the positions the loss reads only:
+    # the same loss and the same gradients as the full decoder (the other positions weigh 0).
+    fixed = {"decode_order": "fixed"} if masking == "fixed" else {}
+    model = _tiny_model(
+        30, n_digits=4, codebook_size=4, decoder_layers=2, masking=masking, label_smoothing=0.1,
+        loss_positions=loss_positions, **fixed,
+    )
     model.set_semantic_ids(_hand_made_sids(4, 4))
     batch = {HISTORY: torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 7]]), TARGET: torch.tensor([8, 9, 10])}
     parameters = list(model.parameters())
@@ -602,5 +612,8 @@ def test_loss_on_the_scored_positions_equals_the_full_decoder_loss(masking: str)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     torch.manual_seed(5)
     mask = model.training_masks(model.encode(batch[HISTORY]), 3)
-    scored = model._scored_positions(mask)
-    assert scored is not None and scored.shape == (3, 10) and bool(mask.flatten(1).gather(1, scored).all())
+    read = model._loss_mask(mask)
+    scored = model._scored_positions(read)
+    count = 4 if loss_positions == "next" else 1 + 2 + 3 + 4
+    assert scored is not None and scored.shape == (3, count) and bool(read.flatten(1).gather(1, scored).all())
+    assert int(read.sum()) == 3 * count

@@ -39,7 +39,8 @@ def full_decoder_loss(model: DiffGRM, batch: Batch) -> Tensor:
     target = model.sid_codes[batch[TARGET]]  # (B, n)
     mask = model.training_masks(memory, target.shape[0])  # (B, V, n)
     logits = model.decoder_logits(memory, apply_mask(target, mask))  # (B, V, n, K')
-    return masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), mask, model.label_smoothing)
+    scored = model._loss_mask(mask)  # (B, V, n): the positions the loss reads
+    return masked_cross_entropy(logits, target.unsqueeze(1).expand_as(mask), scored, model.label_smoothing)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
