@@ -53,7 +53,7 @@ from recbench.diffusion import (
 from recbench.item_side import ItemOrder, semantic_ids_for
 from recbench.metrics import DEFAULT_KS
 from recbench.nn import Dropout, TransformerBlock
-from recbench.schedules import RateSchedule
+from recbench.schedules import RateSchedule, ScheduleKind
 from recbench.semantic_id_model import EmbeddingSource, SemanticIDModel
 from recbench.semantic_ids import ParallelPQConfig, ResidualKMeansConfig, SemanticIDs, ranked_codes_to_items
 from recbench.text import DEFAULT_ENCODER
@@ -156,6 +156,8 @@ class DiffGRM(SemanticIDModel):
         batch_size: training batch size of this recipe (None: the datamodule's ``batch_size``); see
             :attr:`~recbench.model.SeqRecModel.training_batch_size`.
         lr, weight_decay: AdamW.
+        lr_schedule: ``cosine`` (the reference) or ``constant``/``inverse_sqrt`` after the warm-up
+            (per optimiser step; :class:`~recbench.schedules.RateSchedule`).
         warmup_steps: linear warm-up length in optimiser steps.
         decay_steps: step at which the cosine reaches 0 (default: the trainer's total steps).
         decay_epochs: or the cosine reaches 0 after this many epochs' steps (dataset-independent;
@@ -206,6 +208,7 @@ class DiffGRM(SemanticIDModel):
         batch_size: int | None = None,
         lr: float = 3e-3,
         weight_decay: float = 0.0,
+        lr_schedule: ScheduleKind = "cosine",
         warmup_steps: int = 10_000,
         decay_steps: int | None = None,
         decay_epochs: int | None = None,
@@ -258,7 +261,7 @@ class DiffGRM(SemanticIDModel):
         self.register_buffer("fixed_masking_order", torch.tensor(digit_order[::-1]), persistent=False)
         self.merge_duplicate_beams = merge_duplicate_beams
         self.beam_chunk_rows = beam_chunk_rows
-        self.use_rate_schedule(RateSchedule("cosine", warmup_steps, decay_epochs, decay_steps))
+        self.use_rate_schedule(RateSchedule(lr_schedule, warmup_steps, decay_epochs, decay_steps))
         self.gradient_clip_val = gradient_clip_val
 
         # Network.
@@ -551,6 +554,7 @@ class DiffGRM(SemanticIDModel):
             + (" (none: a collision digit, decoded last)" if self.collision_digit else ""),
             "metrics_level": "item",
             "cross_attention_padding_mask": True,
+            "lr_schedule": self.rate_schedule.kind,
             "warmup_steps": sized.warmup_steps if sized else self.rate_schedule.warmup_steps,
             "decay_steps": sized.total_steps if sized else self.rate_schedule.decay_steps,
             "decay_epochs": self.rate_schedule.decay_epochs,

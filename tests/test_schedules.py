@@ -118,6 +118,15 @@ def _diffgrm_decaying_over_two_epochs(num_items: int):  # type: ignore[no-untype
                    pca_dim=8, val_beam=20, test_beam=20, lr=1e-2, warmup_steps=1, decay_epochs=2)
 
 
+def test_diffgrm_states_its_schedule_kind_as_tiger_does() -> None:
+    from baselines.diffgrm import DiffGRM
+
+    assert DiffGRM(num_items=5).rate_schedule == RateSchedule("cosine", 10_000)  # the reference's recipe
+    assert DiffGRM(num_items=5, lr_schedule="constant", warmup_steps=100).rate_schedule == RateSchedule("constant", 100)
+    with pytest.raises(ValueError, match="need a cosine"):
+        DiffGRM(num_items=5, lr_schedule="constant", decay_epochs=10)
+
+
 def _dreamrec_decaying_over_two_epochs(num_items: int):  # type: ignore[no-untyped-def]
     from baselines.dreamrec import DreamRec
 
